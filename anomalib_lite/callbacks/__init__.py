@@ -1,0 +1,7 @@
+"""Callbacks: coreset sampling, test metrics, heatmap export."""
+
+from anomalib_lite.callbacks.coreset import CoresetSampling
+from anomalib_lite.callbacks.heatmaps import HeatmapExport, render_heatmap
+from anomalib_lite.callbacks.metrics import AnomalyMetrics, compute_metrics
+
+__all__ = ["AnomalyMetrics", "CoresetSampling", "HeatmapExport", "compute_metrics", "render_heatmap"]

@@ -1,0 +1,192 @@
+"""LightningDataModules: MVTec AD layout, a custom folder layout, and the shared base."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from anomalib_lite.data.samples import AnomalyDataset, ImageResize, Sample, check_samples, list_images
+from anomalib_lite.errors import UserInputError
+
+
+class AnomalyDataModule(L.LightningDataModule):
+    """Train on normal images, fit thresholds on a held-out normal slice, test on labelled images.
+
+    The validation split is `val_ratio` of the normal training images, drawn with `seed`:
+    it holds only normal images, so nothing fitted on it ever sees a test label.
+    Subclasses implement `scan()` returning (normal training samples, test samples).
+    """
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 256,
+        crop_size: int | Sequence[int] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        val_ratio: float = 0.1,
+        seed: int = 0,
+        shuffle_train: bool = False,
+    ) -> None:
+        super().__init__()
+        self.resize = ImageResize(image_size, crop_size)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        if not 0 <= val_ratio < 1:
+            raise UserInputError(f"dataset.val_ratio must be in [0, 1), got {val_ratio}")
+        self.val_ratio = val_ratio
+        self.seed = seed
+        self.shuffle_train = shuffle_train
+        self.train_samples: list[Sample] | None = None
+        self.val_samples: list[Sample] = []
+        self.test_samples: list[Sample] = []
+
+    # -- to implement -------------------------------------------------------------------------
+    def scan(self) -> tuple[list[Sample], list[Sample]]:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    # -- lightning hooks ------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_samples is not None:
+            return
+        train, test = self.scan()
+        if not any(s.label == 1 for s in test):
+            raise UserInputError(
+                f"the test set of {self.name} has no anomalous images: image and pixel metrics "
+                "need defective test images (with masks)"
+            )
+        if not any(s.label == 0 for s in test):
+            raise UserInputError(f"the test set of {self.name} has no normal images: AUROC needs both kinds")
+        check_samples(train + test)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        num_val = round(len(train) * self.val_ratio)
+        if num_val >= len(train):
+            raise UserInputError(f"{self.name}: {len(train)} normal images are too few for val_ratio={self.val_ratio}")
+        self.val_samples = [train[i] for i in sorted(order[:num_val])]
+        self.train_samples = [train[i] for i in sorted(order[num_val:])]
+        self.test_samples = test
+
+    @property
+    def has_masks(self) -> bool:
+        return all(s.mask_path is not None for s in self.test_samples if s.label == 1)
+
+    def _loader(self, samples: list[Sample], batch_size: int, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            AnomalyDataset(samples, self.resize),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_samples, self.batch_size, shuffle=self.shuffle_train)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_samples, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_samples, self.eval_batch_size)
+
+
+def _find_mask(mask_dir: Path, image: Path) -> Path:
+    """`<stem>_mask.png` (MVTec naming), else `<stem>.png`; the expected path if neither exists."""
+    for candidate in (mask_dir / f"{image.stem}_mask.png", mask_dir / f"{image.stem}.png"):
+        if candidate.is_file():
+            return candidate
+    return mask_dir / f"{image.stem}_mask.png"
+
+
+class MVTecDataModule(AnomalyDataModule):
+    """`<root>/<category>/{train/good, test/<type>, ground_truth/<type>/<stem>_mask.png}`."""
+
+    def __init__(self, root: str | Path, category: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser()
+        self.category = category
+
+    @property
+    def name(self) -> str:
+        return f"{self.root}/{self.category}"
+
+    def scan(self) -> tuple[list[Sample], list[Sample]]:
+        if not self.root.is_dir():
+            raise UserInputError(f"dataset root not found: {self.root} (set dataset.root=...)")
+        category_dir = self.root / self.category
+        if not category_dir.is_dir():
+            available = sorted(p.name for p in self.root.iterdir() if (p / "train").is_dir())
+            raise UserInputError(
+                f"category '{self.category}' not found in {self.root} (available: {', '.join(available) or 'none'})"
+            )
+        train_dir = category_dir / "train" / "good"
+        train = [Sample(p, 0, "good") for p in list_images(train_dir)]
+        if not train:
+            raise UserInputError(f"no training images in {train_dir}")
+        test = []
+        test_root = category_dir / "test"
+        for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()) if test_root.is_dir() else []:
+            for image in list_images(type_dir):
+                if type_dir.name == "good":
+                    test.append(Sample(image, 0, "good"))
+                else:
+                    mask = _find_mask(category_dir / "ground_truth" / type_dir.name, image)
+                    test.append(Sample(image, 1, type_dir.name, mask))
+        return train, test
+
+
+class FolderDataModule(AnomalyDataModule):
+    """A custom layout: a folder of normal images, a folder of anomalous ones, optional masks.
+
+    Normal test images come from `normal_test_dir`, or else a seeded `test_ratio` slice of
+    `normal_dir`. Without `mask_dir` only image-level metrics are computed.
+    """
+
+    def __init__(
+        self,
+        normal_dir: str | Path,
+        abnormal_dir: str | Path,
+        mask_dir: str | Path | None = None,
+        normal_test_dir: str | Path | None = None,
+        test_ratio: float = 0.2,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.normal_dir = Path(normal_dir).expanduser()
+        self.abnormal_dir = Path(abnormal_dir).expanduser()
+        self.mask_dir = Path(mask_dir).expanduser() if mask_dir else None
+        self.normal_test_dir = Path(normal_test_dir).expanduser() if normal_test_dir else None
+        self.test_ratio = test_ratio
+
+    @property
+    def name(self) -> str:
+        return str(self.abnormal_dir.parent)
+
+    def scan(self) -> tuple[list[Sample], list[Sample]]:
+        for directory in (self.normal_dir, self.abnormal_dir, self.mask_dir, self.normal_test_dir):
+            if directory is not None and not directory.is_dir():
+                raise UserInputError(f"dataset folder not found: {directory}")
+        normal = [Sample(p, 0, "good") for p in list_images(self.normal_dir)]
+        if not normal:
+            raise UserInputError(f"no normal images in {self.normal_dir}")
+        if self.normal_test_dir is not None:
+            normal_test = [Sample(p, 0, "good") for p in list_images(self.normal_test_dir)]
+        else:
+            order = torch.randperm(len(normal), generator=torch.Generator().manual_seed(self.seed + 1)).tolist()
+            num_test = max(1, round(len(normal) * self.test_ratio))
+            normal_test = [normal[i] for i in sorted(order[:num_test])]
+            normal = [normal[i] for i in sorted(order[num_test:])]
+        defect_type = self.abnormal_dir.name
+        abnormal = [
+            Sample(p, 1, defect_type, _find_mask(self.mask_dir, p) if self.mask_dir else None)
+            for p in list_images(self.abnormal_dir)
+        ]
+        return normal, normal_test + abnormal

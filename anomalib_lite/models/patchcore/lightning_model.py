@@ -1,0 +1,50 @@
+"""PatchCore as a LightningModule: one pass fills the memory bank, the coreset callback thins it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from anomalib_lite.models.components import MemoryBankModule
+from anomalib_lite.models.patchcore.torch_model import PatchcoreModel
+
+
+class Patchcore(MemoryBankModule):
+    def __init__(
+        self,
+        backbone: dict,
+        levels: Sequence[int] = (2, 3),
+        coreset_ratio: float = 0.1,
+        coreset_projection_dim: int = 128,
+        coreset_seed: int = 0,
+        embedding_dim: int = 1024,
+        patch_size: int = 3,
+        num_neighbors: int = 9,
+        blur_sigma: float = 4.0,
+        nn_chunk_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        if not 0 < coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        self.save_hyperparameters()
+        self.coreset_ratio = coreset_ratio
+        self.coreset_projection_dim = coreset_projection_dim
+        self.coreset_seed = coreset_seed
+        self.model = PatchcoreModel(
+            backbone=dict(backbone),
+            levels=levels,
+            embedding_dim=embedding_dim,
+            patch_size=patch_size,
+            num_neighbors=num_neighbors,
+            blur_sigma=blur_sigma,
+            nn_chunk_size=nn_chunk_size,
+        )
+
+    # The coreset callback's interface (any memory-bank method with a coreset can offer it).
+    @property
+    def memory_bank(self) -> torch.Tensor:
+        return self.model.memory_bank
+
+    def keep_memory_bank_rows(self, indices: torch.Tensor) -> None:
+        self.model.memory_bank = self.model.memory_bank[indices.to(self.model.memory_bank.device)].contiguous()

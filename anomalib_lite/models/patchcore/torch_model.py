@@ -1,0 +1,105 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalib_lite.models.components import (
+    AnomalyOutput,
+    FeatureExtractor,
+    ResizableBuffersMixin,
+    nearest_neighbors,
+    smooth_anomaly_map,
+)
+
+
+class PatchcoreModel(ResizableBuffersMixin, nn.Module):
+    """Locally aware patch features, a memory bank, nearest-neighbour patch scores.
+
+    Patch features: each level is averaged over a `patch_size` x `patch_size` neighbourhood,
+    deeper levels are bilinearly upsampled to the first level's resolution, every level's vector
+    is adaptive-average-pooled to `embedding_dim`, and the stacked levels are pooled once more to
+    `embedding_dim` (the paper's two-stage projection: each level weighs the same).
+    """
+
+    resizable_buffers = ("memory_bank",)
+
+    def __init__(
+        self,
+        backbone: dict,
+        levels: Sequence[int] = (2, 3),
+        embedding_dim: int = 1024,
+        patch_size: int = 3,
+        num_neighbors: int = 9,
+        blur_sigma: float = 4.0,
+        nn_chunk_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        self.feature_extractor = FeatureExtractor(levels=levels, **backbone)
+        self.embedding_dim = embedding_dim
+        self.patch_size = patch_size
+        self.num_neighbors = num_neighbors
+        self.blur_sigma = blur_sigma
+        self.nn_chunk_size = nn_chunk_size
+        self.register_buffer("memory_bank", torch.empty(0, embedding_dim))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W images -> B x h x w x embedding_dim patch features."""
+        features = self.feature_extractor(images)
+        maps = [F.avg_pool2d(f, self.patch_size, stride=1, padding=self.patch_size // 2) for f in features.values()]
+        size = maps[0].shape[-2:]
+        maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+        batch = images.shape[0]
+        per_level = [
+            F.adaptive_avg_pool1d(m.permute(0, 2, 3, 1).reshape(-1, 1, m.shape[1]), self.embedding_dim)
+            for m in maps
+        ]
+        stacked = torch.cat(per_level, dim=2)  # (B*h*w) x 1 x (levels * embedding_dim)
+        embedding = F.adaptive_avg_pool1d(stacked, self.embedding_dim).squeeze(1)
+        return embedding.reshape(batch, size[0], size[1], self.embedding_dim)
+
+    def fit(self, embeddings: torch.Tensor) -> None:
+        """Memory bank = every training patch (the coreset callback subsamples it afterwards)."""
+        self.memory_bank = embeddings.reshape(-1, self.embedding_dim).contiguous()
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError("PatchCore has an empty memory bank: fit it before inference")
+        embedding = self.embed(images)
+        batch, h, w, _ = embedding.shape
+        embedding = embedding.reshape(batch, h * w, self.embedding_dim)
+        num_patches = h * w
+        distances, nn_index = nearest_neighbors(
+            embedding.reshape(-1, self.embedding_dim), self.memory_bank, k=1, chunk_size=self.nn_chunk_size
+        )
+        patch_scores = distances.view(batch, num_patches)
+        nn_index = nn_index.view(batch, num_patches)
+        pred_score = self.reweighted_image_score(embedding, patch_scores, nn_index)
+        anomaly_map = smooth_anomaly_map(patch_scores.view(batch, h, w), images.shape[-2:], self.blur_sigma)
+        return AnomalyOutput(pred_score, anomaly_map)
+
+    def reweighted_image_score(
+        self, embedding: torch.Tensor, patch_scores: torch.Tensor, nn_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Paper eq. 7: s = (1 - exp|m_test* - m*| / sum_{m in N_b(m*)} exp|m_test* - m|) * s*.
+
+        m_test* is the image's most anomalous patch, m* its nearest bank entry, N_b(m*) the b
+        nearest bank entries of m* (m* itself first). Widely spread neighbourhoods (rare normal
+        patterns) lower the score; a patch far from a dense normal cluster keeps it.
+        """
+        max_score, max_patch = patch_scores.max(dim=1)
+        batch_index = torch.arange(embedding.shape[0], device=embedding.device)
+        test_patch = embedding[batch_index, max_patch]  # B x D
+        nearest = self.memory_bank[nn_index[batch_index, max_patch]]  # B x D
+        k = min(self.num_neighbors, self.memory_bank.shape[0])
+        if k <= 1:
+            return max_score
+        _, support = nearest_neighbors(nearest, self.memory_bank, k=k, chunk_size=self.nn_chunk_size)
+        support_distances = torch.linalg.vector_norm(test_patch.unsqueeze(1) - self.memory_bank[support], dim=2)
+        support_distances[:, 0] = max_score  # the first neighbour of m* is m* itself
+        weights = 1 - torch.softmax(support_distances, dim=1)[:, 0]
+        return weights * max_score

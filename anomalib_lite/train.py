@@ -1,0 +1,127 @@
+"""The `anomalib-lite` command: fit on normal images, fit thresholds on held-out normal images,
+test, and write metrics.json, heatmaps/, logs and a checkpoint into the run's output dir."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from anomalib_lite.callbacks import AnomalyMetrics
+from anomalib_lite.config import CONFIG_DIR, check_config
+from anomalib_lite.errors import UserInputError
+
+log = logging.getLogger("anomalib_lite")
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max")
+
+
+def _dataset_name(datamodule: L.LightningDataModule) -> str:
+    return type(datamodule).__name__.removesuffix("DataModule").lower()
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One experiment; returns what it writes to metrics.json."""
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # reads and checks the data before any model is built
+    module = instantiate(cfg.method, backbone=OmegaConf.to_container(cfg.backbone, resolve=True))
+    datamodule.shuffle_train = module.shuffle_train
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **module.trainer_arguments)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    validate_seconds = time.perf_counter() - start
+    checkpoint = output_dir / "checkpoints" / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    start = time.perf_counter()
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    test_seconds = time.perf_counter() - start
+
+    metrics_callback = next((c for c in callbacks if isinstance(c, AnomalyMetrics)), None)
+    results: dict[str, Any] = {key: None for key in METRIC_KEYS}
+    results.update(metrics_callback.results if metrics_callback else {})
+    results.update(
+        fit_seconds=round(fit_seconds, 2),
+        validate_seconds=round(validate_seconds, 2),
+        test_seconds=round(test_seconds, 2),
+        method=type(module).__name__.lower(),
+        backbone=cfg.backbone.name,
+        weights=str(cfg.backbone.weights),
+        dataset=_dataset_name(datamodule),
+        category=getattr(datamodule, "category", None) or Path(datamodule.name).name,
+        num_train_images=len(datamodule.train_samples),
+        num_val_images=len(datamodule.val_samples),
+        image_threshold=float(module.image_threshold),
+        pixel_threshold=float(module.pixel_threshold),
+        world_size=trainer.world_size,
+        checkpoint=str(checkpoint),
+    )
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        _report(results, output_dir, callbacks)
+    return results
+
+
+def _report(results: dict[str, Any], output_dir: Path, callbacks: list) -> None:
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        f"{results['method']} | {results['backbone']} | {results['dataset']}/{results['category']}",
+        "  " + "  ".join(f"{key} {fmt(results[key])}" for key in METRIC_KEYS),
+        f"  fit {results['fit_seconds']:.1f} s  test {results['test_seconds']:.1f} s",
+        f"  metrics:  {output_dir / 'metrics.json'}",
+    ]
+    heatmap_dirs = [str(c.output_dir) for c in callbacks if hasattr(c, "output_dir")]
+    if heatmap_dirs:
+        lines.append(f"  heatmaps: {heatmap_dirs[0]}")
+    print("\n".join(lines), flush=True)
+
+
+def _user_input_error(error: BaseException) -> UserInputError | None:
+    """The UserInputError behind `error`, if any (Hydra's instantiate wraps exceptions)."""
+    while error is not None:
+        if isinstance(error, UserInputError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        results = run(cfg)
+    except Exception as error:
+        user_error = _user_input_error(error)
+        if user_error is None:
+            raise
+        # DataLoader workers wrap exceptions with a traceback: keep the message's last line.
+        message = str(user_error).strip().splitlines()[-1]
+        print(f"anomalib-lite: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(UserInputError.exit_code)
+    return results.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
