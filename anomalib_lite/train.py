@@ -33,12 +33,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
     datamodule = instantiate(cfg.dataset)
     datamodule.prepare_data()
     datamodule.setup("fit")  # reads and checks the data before any model is built
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     module = instantiate(cfg.method, backbone=OmegaConf.to_container(cfg.backbone, resolve=True))
     datamodule.shuffle_train = module.shuffle_train
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -45,16 +47,19 @@ def compute_metrics(
 class AnomalyMetrics(Callback):
     """Collects every test prediction, gathers them across ranks, computes and logs the metrics.
 
-    The results are logged to every logger and kept in `self.results` for metrics.json.
+    The results are logged to every logger and kept in `self.results` for metrics.json; with
+    `predictions_file`, every test image's score and verdict is written there as CSV.
     """
 
-    def __init__(self, fpr_limit: float = 0.3) -> None:
+    def __init__(self, fpr_limit: float = 0.3, predictions_file: str | Path | None = None) -> None:
         self.fpr_limit = fpr_limit
+        self.predictions_file = Path(predictions_file) if predictions_file else None
         self.results: dict[str, float | None] = {}
         self._reset()
 
     def _reset(self) -> None:
         self._scores, self._maps, self._masks, self._labels, self._index, self._has_mask = [], [], [], [], [], []
+        self._paths: dict[int, tuple[str, str]] = {}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
@@ -66,6 +71,8 @@ class AnomalyMetrics(Callback):
         self._labels.append(torch.as_tensor(batch["label"]).cpu())
         self._index.append(torch.as_tensor(batch["index"]).cpu())
         self._has_mask.append(torch.as_tensor(batch["has_mask"]).cpu())
+        for index, path, defect in zip(batch["index"].tolist(), batch["image_path"], batch["defect_type"]):
+            self._paths[index] = (path, defect)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         gathered = gather_samples(
@@ -75,7 +82,9 @@ class AnomalyMetrics(Callback):
                 "label": torch.cat(self._labels), "has_mask": torch.cat(self._has_mask),
             },
             torch.cat(self._index),
+            keep_index=True,
         )
+        paths = self._paths
         self._reset()
         with_masks = bool(gathered["has_mask"].all())
         threshold = getattr(pl_module, "image_threshold", None)
@@ -86,4 +95,15 @@ class AnomalyMetrics(Callback):
             image_threshold=float(threshold) if threshold is not None else None,
         )
         self.results["num_test_images"] = int(gathered["label"].numel())
+        if self.predictions_file is not None and trainer.is_global_zero:
+            self._write_predictions(gathered, paths, float(threshold) if threshold is not None else float("nan"))
         pl_module.log_dict({k: float(v) for k, v in self.results.items() if v is not None}, sync_dist=False)
+
+    def _write_predictions(self, gathered: dict[str, torch.Tensor], paths: dict, threshold: float) -> None:
+        self.predictions_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.predictions_file.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image_path", "defect_type", "label", "score", "predicted_anomalous"])
+            for index, label, score in zip(gathered["index"].tolist(), gathered["label"].tolist(), gathered["score"].tolist()):
+                path, defect = paths.get(index, ("", ""))
+                writer.writerow([path, defect, int(label), f"{score:.6g}", int(score > threshold)])

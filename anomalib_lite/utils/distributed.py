@@ -6,8 +6,11 @@ import lightning as L
 import torch
 
 
-def gather_samples(module: L.LightningModule, tensors: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every rank's rows of `tensors`, one row per dataset `index`, ordered by index.
+def gather_samples(
+    module: L.LightningModule, tensors: dict[str, torch.Tensor], index: torch.Tensor, keep_index: bool = False
+) -> dict[str, torch.Tensor]:
+    """Every rank's rows of `tensors`, one row per dataset `index`, ordered by index
+    (with `keep_index`, the sorted indices come back under the key "index").
 
     DistributedSampler pads the last rank with repeats of the first samples; dropping the repeats
     and sorting by index gives exactly what a single process would have seen, in the same order.
@@ -23,4 +26,7 @@ def gather_samples(module: L.LightningModule, tensors: dict[str, torch.Tensor], 
     first = torch.ones_like(sorted_index, dtype=torch.bool)
     first[1:] = sorted_index[1:] != sorted_index[:-1]
     keep = order[first]
-    return {key: value[keep] for key, value in tensors.items()}
+    result = {key: value[keep] for key, value in tensors.items()}
+    if keep_index:
+        result["index"] = index[keep]
+    return result

@@ -14,9 +14,13 @@ Weights (`weights=`):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from unittest import mock
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -93,11 +97,35 @@ def load_classifier_state_dict(model_name: str, weights: str) -> dict[str, torch
     return _file_state_dict(Path(weights).expanduser())
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable(pretrained: bool) -> Iterator[None]:
+    """Without network, use only the local hub cache: fail in a second, not after a minute of retries."""
+    if not pretrained or _hub_reachable():
+        yield
+        return
+    from huggingface_hub import constants
+
+    with mock.patch.object(constants, "HF_HUB_OFFLINE", True):
+        yield
+
+
 def create_backbone(model_name: str, weights: str, **timm_kwargs) -> nn.Module:
     """timm.create_model with our `weights` semantics (see module docstring)."""
     pretrained = weights == "hub"
     try:
-        model = timm.create_model(model_name, pretrained=pretrained, **timm_kwargs)
+        with _hub_offline_if_unreachable(pretrained):
+            model = timm.create_model(model_name, pretrained=pretrained, **timm_kwargs)
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise UserInputError(f"timm has no backbone named '{model_name}'") from None

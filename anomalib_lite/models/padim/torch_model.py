@@ -69,13 +69,16 @@ class PadimModel(ResizableBuffersMixin, nn.Module):
         self.mean = mean.contiguous()
         self.inv_covariance = torch.cat(inverses).contiguous()
 
-    def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        if self.mean.numel() == 0:
-            raise RuntimeError("PaDiM is not fitted: fit it before inference")
-        embedding = self.embed(images)
+    def mahalanobis(self, embedding: torch.Tensor) -> torch.Tensor:
+        """B x d x h x w embeddings -> B x h x w Mahalanobis distances to each position's Gaussian."""
         batch, dim, h, w = embedding.shape
         delta = (embedding.reshape(batch, dim, -1) - self.mean).permute(2, 0, 1)  # P x B x d
         squared = ((delta @ self.inv_covariance) * delta).sum(dim=2)  # P x B
-        distance_map = squared.clamp_min(0).sqrt().T.reshape(batch, h, w)
+        return squared.clamp_min(0).sqrt().T.reshape(batch, h, w)
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        if self.mean.numel() == 0:
+            raise RuntimeError("PaDiM is not fitted: fit it before inference")
+        distance_map = self.mahalanobis(self.embed(images))
         anomaly_map = smooth_anomaly_map(distance_map, images.shape[-2:], self.blur_sigma)
         return AnomalyOutput(anomaly_map.flatten(1).amax(dim=1), anomaly_map)

@@ -17,13 +17,35 @@ from anomalib_lite.models.components import (
 )
 
 
+def pooling_projection(num_channels: int, embedding_dim: int) -> torch.Tensor:
+    """Adaptive average pooling of a `num_channels` vector to `embedding_dim`, as a C x D matrix.
+
+    The pooling is linear, so applying it to the unit vectors gives its matrix.
+    """
+    return F.adaptive_avg_pool1d(torch.eye(num_channels).unsqueeze(1), embedding_dim).squeeze(1)
+
+
+def distance_preserving_projection(projection: torch.Tensor) -> torch.Tensor:
+    """A C x min(C, D) matrix giving the same Euclidean distances as the C x D `projection`.
+
+    When D > C (small backbones: 152 channels pooled to 1024) the pooled vectors only repeat
+    channels; with P P^T = L L^T (Cholesky), |(x - y) L| = |(x - y) P| for all x, y, so the bank
+    and the nearest-neighbour search work in C dimensions with identical distances.
+    """
+    num_channels, dim = projection.shape
+    if dim <= num_channels:
+        return projection
+    gram = (projection.double() @ projection.double().T)
+    return torch.linalg.cholesky(gram).float()
+
+
 class PatchcoreModel(ResizableBuffersMixin, nn.Module):
     """Locally aware patch features, a memory bank, nearest-neighbour patch scores.
 
     Patch features: each level is averaged over a `patch_size` x `patch_size` neighbourhood,
-    deeper levels are bilinearly upsampled to the first level's resolution, every level's vector
-    is adaptive-average-pooled to `embedding_dim`, and the stacked levels are pooled once more to
-    `embedding_dim` (the paper's two-stage projection: each level weighs the same).
+    deeper levels are bilinearly upsampled to the first level's resolution, and the concatenated
+    vector is projected to `embedding_dim` by adaptive average pooling (`pooling_projection`,
+    applied in its distance-preserving form, `distance_preserving_projection`).
     """
 
     resizable_buffers = ("memory_bank",)
@@ -45,36 +67,35 @@ class PatchcoreModel(ResizableBuffersMixin, nn.Module):
         self.num_neighbors = num_neighbors
         self.blur_sigma = blur_sigma
         self.nn_chunk_size = nn_chunk_size
-        self.register_buffer("memory_bank", torch.empty(0, embedding_dim))
+        projection = pooling_projection(sum(self.feature_extractor.channels), embedding_dim)
+        self.register_buffer("projection", distance_preserving_projection(projection), persistent=False)
+        self.feature_dim = self.projection.shape[1]
+        self.register_buffer("memory_bank", torch.empty(0, self.feature_dim))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """B x 3 x H x W images -> B x h x w x embedding_dim patch features."""
-        features = self.feature_extractor(images)
+        """B x 3 x H x W images -> B x h x w x feature_dim patch features."""
+        return self.aggregate(self.feature_extractor(images)) @ self.projection
+
+    def aggregate(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Locally aware features before projection: B x h x w x (sum of channels)."""
         maps = [F.avg_pool2d(f, self.patch_size, stride=1, padding=self.patch_size // 2) for f in features.values()]
         size = maps[0].shape[-2:]
         maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
-        batch = images.shape[0]
-        per_level = [
-            F.adaptive_avg_pool1d(m.permute(0, 2, 3, 1).reshape(-1, 1, m.shape[1]), self.embedding_dim)
-            for m in maps
-        ]
-        stacked = torch.cat(per_level, dim=2)  # (B*h*w) x 1 x (levels * embedding_dim)
-        embedding = F.adaptive_avg_pool1d(stacked, self.embedding_dim).squeeze(1)
-        return embedding.reshape(batch, size[0], size[1], self.embedding_dim)
+        return torch.cat(maps, dim=1).permute(0, 2, 3, 1)
 
     def fit(self, embeddings: torch.Tensor) -> None:
         """Memory bank = every training patch (the coreset callback subsamples it afterwards)."""
-        self.memory_bank = embeddings.reshape(-1, self.embedding_dim).contiguous()
+        self.memory_bank = embeddings.reshape(-1, self.feature_dim).contiguous()
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.memory_bank.shape[0] == 0:
             raise RuntimeError("PatchCore has an empty memory bank: fit it before inference")
         embedding = self.embed(images)
         batch, h, w, _ = embedding.shape
-        embedding = embedding.reshape(batch, h * w, self.embedding_dim)
+        embedding = embedding.reshape(batch, h * w, self.feature_dim)
         num_patches = h * w
         distances, nn_index = nearest_neighbors(
-            embedding.reshape(-1, self.embedding_dim), self.memory_bank, k=1, chunk_size=self.nn_chunk_size
+            embedding.reshape(-1, self.feature_dim), self.memory_bank, k=1, chunk_size=self.nn_chunk_size
         )
         patch_scores = distances.view(batch, num_patches)
         nn_index = nn_index.view(batch, num_patches)

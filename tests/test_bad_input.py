@@ -1,0 +1,114 @@
+"""Every kind of bad input: one clear line naming the culprit, a non-zero exit, nothing overwritten."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import cli_tiny_args, run_cli
+from PIL import Image
+
+from anomalib_lite.data import generate_category
+
+
+@pytest.fixture(scope="module")
+def pristine_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mvtec")
+    return generate_category(root, "weave", image_size=64, num_train=6, num_test_good=2, num_test_per_defect=1)
+
+
+@pytest.fixture
+def mvtec_root(pristine_category: Path, tmp_path: Path) -> Path:
+    """A writable copy, in MVTec layout, of a tiny synthetic category named 'part'."""
+    root = tmp_path / "data"
+    shutil.copytree(pristine_category, root / "part")
+    return root
+
+
+def _missing_category(root: Path) -> str:
+    return "dataset.category=nosuchpart"
+
+
+def _empty_train(root: Path) -> str:
+    for image in (root / "part" / "train" / "good").iterdir():
+        image.unlink()
+    return "dataset.category=part"
+
+
+def _missing_mask(root: Path) -> str:
+    (root / "part" / "ground_truth" / "hole" / "000_mask.png").unlink()
+    return "dataset.category=part"
+
+
+def _mask_of_other_size(root: Path) -> str:
+    Image.new("L", (32, 40)).save(root / "part" / "ground_truth" / "stain" / "000_mask.png")
+    return "dataset.category=part"
+
+
+def _unreadable_image(root: Path) -> str:
+    (root / "part" / "train" / "good" / "003.png").write_bytes(b"this is not a png")
+    return "dataset.category=part"
+
+
+def _no_anomalous_test_images(root: Path) -> str:
+    for defect in ("scratch", "hole", "stain", "missing"):
+        shutil.rmtree(root / "part" / "test" / defect)
+    return "dataset.category=part"
+
+
+CASES = {
+    "missing root": (None, "dataset root not found"),
+    "missing category": (_missing_category, "category 'nosuchpart' not found"),
+    "empty train/good": (_empty_train, "no training images in"),
+    "missing mask": (_missing_mask, "no mask for test image"),
+    "mask of another size": (_mask_of_other_size, "000_mask.png is 32x40 but its image"),
+    "unreadable image": (_unreadable_image, "cannot read image"),
+    "no anomalous test images": (_no_anomalous_test_images, "has no anomalous images"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_dataset_gives_one_line_and_overwrites_nothing(case: str, mvtec_root: Path, tmp_path: Path, cache_dir: Path) -> None:
+    breaker, expected = CASES[case]
+    root = mvtec_root if breaker else tmp_path / "does-not-exist"
+    override = breaker(root) if breaker else "dataset.category=part"
+    run_dir = tmp_path / "previous-run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"image_auroc": 0.5}))
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+
+    result = run_cli(
+        "dataset=mvtec", *cli_tiny_args(cache_dir, synthetic=False), f"dataset.root={root}", override,
+        "dataset.image_size=64", "dataset.crop_size=null", f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "anomalib-lite: error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads((run_dir / "metrics.json").read_text()) == {"image_auroc": 0.5}
+    after = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if not p.is_relative_to(run_dir / ".hydra"))
+    assert [p for p in after if p.name != "train.log"] == [p for p in before if p.name != "train.log"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("method=nosuchmethod", "Could not find 'method/nosuchmethod'"),
+        ("backbone=nosuchbackbone", "Could not find 'backbone/nosuchbackbone'"),
+        ("dataset=nosuchdataset", "Could not find 'dataset/nosuchdataset'"),
+    ],
+)
+def test_unknown_group_option_is_named(override: str, expected: str, tmp_path: Path) -> None:
+    result = run_cli(override, cwd=tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr
+
+
+def test_missing_backbone_level_is_named(tmp_path: Path, cache_dir: Path) -> None:
+    result = run_cli(*cli_tiny_args(cache_dir), "method.levels=[2,6]", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "anomalib-lite: error: backbone 'tf_efficientnet_lite0' has no feature level 6" in result.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("metrics.json"))

@@ -1,0 +1,75 @@
+"""Greedy k-center coreset and chunked nearest-neighbour search against plain references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomalib_lite.models.components import coverage_radius, greedy_coreset, nearest_neighbors, random_projection
+
+
+def _reference_greedy(points: np.ndarray, k: int, start: int) -> list[int]:
+    """Textbook greedy k-center in float64, one distance row per step."""
+    min_d = np.full(len(points), np.inf)
+    chosen = [start]
+    for _ in range(k - 1):
+        min_d = np.minimum(min_d, np.linalg.norm(points - points[chosen[-1]], axis=1))
+        min_d[chosen] = -np.inf
+        chosen.append(int(np.argmax(min_d)))
+    return chosen
+
+
+@pytest.mark.parametrize(("dim", "projection_dim"), [(16, 128), (300, 32)])
+def test_greedy_coreset_is_exact_greedy(dim: int, projection_dim: int) -> None:
+    features = torch.randn(600, dim, generator=torch.Generator().manual_seed(0))
+    picked = greedy_coreset(features, 60, projection_dim=projection_dim, seed=3)
+    projected = random_projection(features, projection_dim, seed=3).double().numpy()
+    reference = _reference_greedy(projected, 60, start=int(picked[0]))
+    assert picked.tolist() == reference
+    assert picked.dtype == torch.long and len(set(picked.tolist())) == 60
+
+
+def test_triangle_inequality_pruning_changes_nothing_on_clustered_data() -> None:
+    # Tight blobs: most clusters are out of the new centre's reach, so the pruning really skips.
+    generator = torch.Generator().manual_seed(5)
+    blobs = torch.randn(40, 24, generator=generator) * 10
+    features = blobs.repeat_interleave(50, dim=0) + 0.3 * torch.randn(2000, 24, generator=generator)
+    pruned = greedy_coreset(features, 300, seed=7, dense_fraction=0.0)
+    unpruned = greedy_coreset(features, 300, seed=7, dense_fraction=2.0)
+    assert torch.equal(pruned, unpruned)
+    # Same coverage as the float64 textbook loop (float32 rounding may swap near-tied picks).
+    reference = _reference_greedy(features.double().numpy(), 300, start=int(pruned[0]))
+    ours, theirs = coverage_radius(features, features[pruned]), coverage_radius(features, features[reference])
+    assert ours == pytest.approx(theirs, rel=1e-3)
+
+
+def test_greedy_coreset_is_seeded_and_covers_better_than_random() -> None:
+    features = torch.randn(2000, 64, generator=torch.Generator().manual_seed(1))
+    first, again = greedy_coreset(features, 100, seed=0), greedy_coreset(features, 100, seed=0)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, greedy_coreset(features, 100, seed=1))
+    random_pick = torch.randperm(2000, generator=torch.Generator().manual_seed(0))[:100]
+    assert coverage_radius(features, features[first]) < coverage_radius(features, features[random_pick])
+
+
+def test_greedy_coreset_handles_duplicates_and_bad_k() -> None:
+    features = torch.zeros(10, 4)
+    features[0] = 1.0
+    picked = greedy_coreset(features, 5)
+    assert len(set(picked.tolist())) == 5  # all-equal rows still give distinct indices
+    with pytest.raises(ValueError, match="k must be"):
+        greedy_coreset(features, 11)
+    with pytest.raises(ValueError, match="N x D"):
+        greedy_coreset(torch.zeros(10), 2)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("chunk_size", [7, 1000])
+def test_nearest_neighbors_matches_full_cdist(k: int, chunk_size: int) -> None:
+    generator = torch.Generator().manual_seed(2)
+    queries, bank = torch.randn(50, 8, generator=generator), torch.randn(123, 8, generator=generator)
+    distances, indices = nearest_neighbors(queries, bank, k=k, chunk_size=chunk_size)
+    expected_d, expected_i = torch.cdist(queries, bank).topk(k, dim=1, largest=False)
+    torch.testing.assert_close(distances, expected_d, atol=1e-5, rtol=1e-5)
+    assert torch.equal(indices, expected_i)

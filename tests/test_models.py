@@ -1,0 +1,105 @@
+"""The methods' math against plain references, without Lightning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anomalib_lite.callbacks import render_heatmap
+from anomalib_lite.models.padim import PadimModel
+from anomalib_lite.models.patchcore import PatchcoreModel
+from anomalib_lite.models.patchcore.torch_model import distance_preserving_projection, pooling_projection
+
+BACKBONE = {"name": "tf_efficientnet_lite0", "weights": "none", "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+@pytest.mark.parametrize(("channels", "dim"), [([40, 112], 1024), ([512, 1024], 1024), ([24, 40, 112], 64)])
+def test_projection_is_adaptive_average_pooling(channels: list[int], dim: int) -> None:
+    x = torch.randn(200, sum(channels), dtype=torch.float64)
+    pooled = F.adaptive_avg_pool1d(x.unsqueeze(1), dim).squeeze(1)
+    projection = pooling_projection(sum(channels), dim).double()
+    torch.testing.assert_close(x @ projection, pooled)
+    compact = distance_preserving_projection(pooling_projection(sum(channels), dim)).double()
+    assert compact.shape[1] == min(sum(channels), dim)
+    torch.testing.assert_close(torch.cdist(x @ compact, x @ compact), torch.cdist(pooled, pooled), rtol=1e-5, atol=1e-5)
+
+
+def test_patchcore_scores_and_reweighting_by_hand() -> None:
+    model = PatchcoreModel(BACKBONE, levels=[2, 3], embedding_dim=64, num_neighbors=3, blur_sigma=0)
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+    model.memory_bank = bank
+    embedding = torch.tensor([[[0.5, 0.0], [0.0, 5.0]]])  # one image, two patches
+    patch_scores = torch.tensor([[0.5, 2.0]])
+    nn_index = torch.tensor([[0, 2]])
+    score = model.reweighted_image_score(embedding, patch_scores, nn_index)
+    # m_test* = (0, 5), s* = 2, m* = (0, 3); N_3(m*) = m*, (0, 0), (1, 0) at |m_test* - m| = 2, 5, sqrt(26)
+    distances = torch.tensor([2.0, 5.0, 26**0.5])
+    expected = (1 - torch.exp(distances[0]) / torch.exp(distances).sum()) * 2.0
+    torch.testing.assert_close(score, expected.view(1))
+
+
+def test_patchcore_nearest_neighbour_patch_scores() -> None:
+    torch.manual_seed(0)
+    model = PatchcoreModel(BACKBONE, levels=[2, 3], embedding_dim=64, blur_sigma=0, nn_chunk_size=50).eval()
+    train = torch.rand(3, 3, 64, 64)
+    model.fit(model.embed(train))
+    assert model.memory_bank.shape == (3 * 8 * 8, model.feature_dim)
+    output = model(train[:1])
+    # A training image is in the bank: every patch has distance ~0.
+    assert output.anomaly_map.abs().max() < 0.05 * model(torch.rand(1, 3, 64, 64)).anomaly_map.mean()
+    image = torch.rand(1, 3, 64, 64)
+    embedding = model.embed(image).reshape(-1, model.feature_dim)
+    expected = torch.cdist(embedding, model.memory_bank).min(dim=1).values.view(1, 8, 8)
+    expected_map = F.interpolate(expected.unsqueeze(1), size=(64, 64), mode="bilinear", align_corners=False).squeeze(1)
+    torch.testing.assert_close(model(image).anomaly_map, expected_map, atol=1e-3, rtol=1e-3)
+
+
+def test_padim_gaussians_and_mahalanobis_match_numpy() -> None:
+    torch.manual_seed(0)
+    model = PadimModel(BACKBONE, levels=[1, 2, 3], num_features=20, blur_sigma=0, fit_chunk_size=7).eval()
+    train = torch.rand(30, 3, 32, 32)
+    embeddings = model.embed(train)
+    assert embeddings.shape == (30, 20, 8, 8)
+    model.fit(embeddings)
+    flat = embeddings.reshape(30, 20, -1).double().numpy()
+    position = 13
+    samples = flat[:, :, position]
+    np.testing.assert_allclose(model.mean[:, position].numpy(), samples.mean(axis=0), rtol=1e-5, atol=1e-5)
+    covariance = np.cov(samples, rowvar=False) + 0.01 * np.eye(20)
+    np.testing.assert_allclose(model.inv_covariance[position].numpy(), np.linalg.inv(covariance), rtol=1e-3, atol=1e-3)
+
+    test_image = torch.rand(1, 3, 32, 32)
+    test_embedding = model.embed(test_image)
+    delta = test_embedding.reshape(20, -1)[:, position].double().numpy() - samples.mean(axis=0)
+    expected = np.sqrt(delta @ np.linalg.inv(covariance) @ delta)
+    row, col = divmod(position, 8)
+    assert model.mahalanobis(test_embedding)[0, row, col].item() == pytest.approx(expected, rel=1e-3)
+    output = model(test_image)
+    expected_map = F.interpolate(model.mahalanobis(test_embedding).unsqueeze(1), size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(output.anomaly_map, expected_map.squeeze(1))
+    assert output.pred_score.item() == pytest.approx(output.anomaly_map.max().item())
+
+
+def test_padim_feature_subset_is_seeded() -> None:
+    first = PadimModel(BACKBONE, num_features=50, feature_seed=0)
+    again = PadimModel(BACKBONE, num_features=50, feature_seed=0)
+    other = PadimModel(BACKBONE, num_features=50, feature_seed=1)
+    assert torch.equal(first.feature_index, again.feature_index)
+    assert not torch.equal(first.feature_index, other.feature_index)
+    assert len(first.feature_index.unique()) == 50
+
+
+def test_heatmap_sheet_has_three_panels() -> None:
+    image = torch.rand(3, 40, 50)
+    mask = torch.zeros(40, 50)
+    mask[10:20, 10:20] = 1
+    heat = torch.zeros(40, 50)
+    heat[10:20, 10:20] = 1.0
+    sheet = render_heatmap(image, mask, heat, "hole/000.png", "score 3.2")
+    assert sheet.size == (150, 40 + 14)
+    pixels = np.asarray(sheet)
+    assert (pixels[14 + 15, 50 + 15] == 255).all()  # ground-truth panel shows the mask
+    no_mask = render_heatmap(image, None, heat, "good/000.png", "score 0.1")
+    assert (np.asarray(no_mask)[14 + 5, 55] == 128).all()
