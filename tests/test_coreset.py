@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from anomalib_lite.models.components import coverage_radius, greedy_coreset, nearest_neighbors, random_projection
+from anomalib_lite.models.components import (
+    coverage_radius,
+    greedy_coreset,
+    nearest_neighbors,
+    random_projection,
+)
 
 
 def _reference_greedy(points: np.ndarray, k: int, start: int) -> list[int]:

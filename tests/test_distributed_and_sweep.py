@@ -28,9 +28,13 @@ def test_ddp_cpu_matches_single_process(tmp_path: Path, cache_dir: Path) -> None
     single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
     ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp_metrics["world_size"] == 2 and single_metrics["world_size"] == 1
-    assert torch.equal(_bank(tmp_path / "single"), _bank(tmp_path / "ddp"))
+    # Same patches picked in the same order; values agree up to the float rounding of convolutions
+    # run on other batch compositions (each rank sees half of every batch).
+    single_bank, ddp_bank = _bank(tmp_path / "single"), _bank(tmp_path / "ddp")
+    assert single_bank.shape == ddp_bank.shape
+    torch.testing.assert_close(ddp_bank, single_bank, rtol=1e-4, atol=1e-4)
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max", "image_threshold"):
-        assert ddp_metrics[key] == pytest.approx(single_metrics[key], abs=1e-6), key
+        assert ddp_metrics[key] == pytest.approx(single_metrics[key], rel=1e-4, abs=1e-5), key
     assert ddp_metrics["num_test_images"] == single_metrics["num_test_images"]
 
 
@@ -55,3 +59,15 @@ def test_multirun_sweep_and_collect(tmp_path: Path, cache_dir: Path) -> None:
     assert "| patchcore |" in table and "| padim |" in table and "| mean |" in table
     csv_lines = (sweep_dir / "results.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("method,backbone,dataset,category")
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path: Path, cache_dir: Path) -> None:
+    sweep_dir = tmp_path / "search"
+    result = run_cli(
+        "hparams_search=patchcore_optuna", "hydra.sweeper.n_trials=2", "dataset.category=disc",
+        *cli_tiny_args(cache_dir), f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(sweep_dir.rglob("metrics.json"))) == 2
+    best = (sweep_dir / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "best_value" in best

@@ -16,12 +16,17 @@ BACKBONE = {"name": "tf_efficientnet_lite0", "weights": "none", "mean": [0.5] * 
 
 
 @pytest.mark.parametrize(("channels", "dim"), [([40, 112], 1024), ([512, 1024], 1024), ([24, 40, 112], 64)])
-def test_projection_is_adaptive_average_pooling(channels: list[int], dim: int) -> None:
+@pytest.mark.parametrize("per_level", [True, False])
+def test_projection_is_adaptive_average_pooling(channels: list[int], dim: int, per_level: bool) -> None:
     x = torch.randn(200, sum(channels), dtype=torch.float64)
-    pooled = F.adaptive_avg_pool1d(x.unsqueeze(1), dim).squeeze(1)
-    projection = pooling_projection(sum(channels), dim).double()
+    if per_level:  # each level pooled to dim, then the stack pooled to dim
+        stacked = torch.cat([F.adaptive_avg_pool1d(part.unsqueeze(1), dim) for part in x.split(channels, dim=1)], dim=2)
+        pooled = F.adaptive_avg_pool1d(stacked, dim).squeeze(1)
+    else:
+        pooled = F.adaptive_avg_pool1d(x.unsqueeze(1), dim).squeeze(1)
+    projection = pooling_projection(channels, dim, per_level).double()
     torch.testing.assert_close(x @ projection, pooled)
-    compact = distance_preserving_projection(pooling_projection(sum(channels), dim)).double()
+    compact = distance_preserving_projection(pooling_projection(channels, dim, per_level)).double()
     assert compact.shape[1] == min(sum(channels), dim)
     torch.testing.assert_close(torch.cdist(x @ compact, x @ compact), torch.cdist(pooled, pooled), rtol=1e-5, atol=1e-5)
 

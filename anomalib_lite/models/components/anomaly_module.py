@@ -97,6 +97,8 @@ class MemoryBankModule(AnomalyModule):
 
     def __init__(self) -> None:
         super().__init__()
+        # Nothing to optimise: manual mode runs training_step as a plain loop body (also under DDP).
+        self.automatic_optimization = False
         self._train_embeddings: list[torch.Tensor] = []
         self._train_index: list[torch.Tensor] = []
 

@@ -32,12 +32,12 @@ def greedy_coreset(
 
     The loop runs on the features' device with every N-sized buffer allocated once. Per step it
     makes one matrix-vector pass, restricted by the triangle inequality to the points the new
-    centre can move: a point x whose nearest centre is c_j (at distance r(x)) cannot get closer
-    to a new centre c when |c - c_j| >= 2 r(x). Clusters are skipped whole, using their radius
-    max r(x). The result is the same greedy sequence as the unrestricted loop; as the coverage
-    radius shrinks, most of the bank is skipped (the bank does not fit in the CPU cache, so
-    this is what makes large banks fast). While more than `dense_fraction` of the points are in
-    reach, a plain pass over all of them is cheaper than gathering them, and is used instead.
+    centre can move: a point x at distance r(x) from its nearest centre c_j cannot get closer to
+    a new centre c when |c - c_j| >= 2 r(x). Deciding that costs one N-vector gather and compare
+    against the distances from c to the centres picked so far (cheap next to the bank itself,
+    which does not fit in the CPU cache), and gives the same greedy sequence as the unrestricted
+    loop. While more than `dense_fraction` of the points are in reach (the first steps), a plain
+    pass over all of them is cheaper than gathering them, and is used instead.
     """
     if features.ndim != 2:
         raise ValueError(f"features must be N x D, got shape {tuple(features.shape)}")
@@ -49,14 +49,13 @@ def greedy_coreset(
     squared_norms = (points * points).sum(dim=1)
     centers = torch.empty(k, points.shape[1], device=device)
     center_norms = torch.empty(k, device=device)
-    cluster_radius = torch.zeros(k, device=device)
     selected = torch.empty(k, dtype=torch.long, device=device)
+    min_distances = torch.full((num_points,), float("inf"), device=device)  # squared, to the nearest centre
+    assignment = torch.zeros(num_points, dtype=torch.long, device=device)  # index of that centre
+    distances = torch.empty(num_points, device=device)
     generator = torch.Generator().manual_seed(seed)
     current = torch.randint(num_points, (1,), generator=generator).to(device)
 
-    min_distances = torch.full((num_points,), float("inf"), device=device)
-    assignment = torch.zeros(num_points, dtype=torch.long, device=device)
-    all_points = torch.arange(num_points, device=device)
     report_every = max(1, k // 100)
     bar = tqdm(total=k, desc="coreset", unit="pt", disable=not progress, mininterval=1.0)
     for step in range(k):
@@ -64,37 +63,30 @@ def greedy_coreset(
         center = points.index_select(0, current).squeeze(0)
         centers[step] = center
         center_norms[step] = squared_norms[current[0]]
-        if step == 0:
-            reachable = None
-        else:
-            to_centers = (center_norms[:step] - 2.0 * (centers[:step] @ center) + center_norms[step]).clamp_min(0).sqrt()
-            # Small slack: float rounding must never skip a point the new centre really moves.
-            reachable = to_centers < 2.0 * cluster_radius[:step] * (1 + 1e-4) + 1e-6
-            candidate_mask = reachable.index_select(0, assignment)
-            if int(candidate_mask.sum()) > num_points * dense_fraction:
-                reachable = None  # most points are in reach: one plain pass beats gathering them
-        if reachable is None:
-            candidates = all_points
-            distances = torch.addmv(squared_norms, points, center, alpha=-2.0).add_(center_norms[step])
-            moved = distances < min_distances
+        candidates = None
+        if step > 0:
+            # Squared distances from the new centre to every earlier one; x is in reach iff
+            # |c - c_a(x)|^2 < 4 r(x)^2 (with slack, so float rounding never skips a real move).
+            to_centers = center_norms[:step] - 2.0 * (centers[:step] @ center) + center_norms[step]
+            in_reach = to_centers.index_select(0, assignment) < 4.0 * min_distances * (1 + 1e-4) + 1e-6
+            candidates = in_reach.nonzero().squeeze(1)
+            if candidates.numel() > num_points * dense_fraction:
+                candidates = None
+        if candidates is None:
+            torch.addmv(squared_norms, points, center, alpha=-2.0, out=distances)
+            distances.add_(center_norms[step])
+            assignment.masked_fill_(distances < min_distances, step)
             torch.minimum(min_distances, distances, out=min_distances)
-            assignment.masked_fill_(moved, step)
-            cluster_radius[:step].zero_()
-        else:
-            candidates = candidate_mask.nonzero().squeeze(1)
-            distances = torch.addmv(
+        elif candidates.numel() > 0:
+            candidate_distances = torch.addmv(
                 squared_norms.index_select(0, candidates), points.index_select(0, candidates), center, alpha=-2.0
             ).add_(center_norms[step])
             previous = min_distances.index_select(0, candidates)
-            moved = distances < previous
-            min_distances.index_copy_(0, candidates, torch.where(moved, distances, previous))
+            moved = candidate_distances < previous
+            min_distances.index_copy_(0, candidates, torch.where(moved, candidate_distances, previous))
             assignment.index_copy_(0, candidates, torch.where(moved, step, assignment.index_select(0, candidates)))
-            # Every member of a reachable cluster is a candidate, so their radii are recomputed exactly.
-            cluster_radius[:step].masked_fill_(reachable, 0.0)
         # A picked point is never picked again, even among exact duplicates.
         min_distances.index_fill_(0, current, float("-inf"))
-        candidate_radius = min_distances.index_select(0, candidates).clamp_min(0).sqrt()
-        cluster_radius.scatter_reduce_(0, assignment.index_select(0, candidates), candidate_radius, reduce="amax")
         current = torch.argmax(min_distances).view(1)
         if (step + 1) % report_every == 0 or step + 1 == k:
             bar.update(step + 1 - bar.n)

@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, ResizableBuffersMixin, smooth_anomaly_map
+from anomalib_lite.models.components import (
+    AnomalyOutput,
+    FeatureExtractor,
+    ResizableBuffersMixin,
+    smooth_anomaly_map,
+)
 
 
 class PadimModel(ResizableBuffersMixin, nn.Module):

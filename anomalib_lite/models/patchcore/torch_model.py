@@ -17,12 +17,25 @@ from anomalib_lite.models.components import (
 )
 
 
-def pooling_projection(num_channels: int, embedding_dim: int) -> torch.Tensor:
-    """Adaptive average pooling of a `num_channels` vector to `embedding_dim`, as a C x D matrix.
+def pooling_projection(channels: Sequence[int], embedding_dim: int, per_level: bool = True) -> torch.Tensor:
+    """The adaptive-average-pooling projection of the concatenated levels, as a (sum C) x D matrix.
 
-    The pooling is linear, so applying it to the unit vectors gives its matrix.
+    per_level=True (the PatchCore authors' code): each level's vector is first pooled to D, so
+    every level weighs the same, then the stacked levels are pooled to D.
+    per_level=False: the concatenated vector is pooled to D in one go (levels weigh by channel count).
+    Pooling is linear, so applying it to the unit vectors gives its matrix.
     """
-    return F.adaptive_avg_pool1d(torch.eye(num_channels).unsqueeze(1), embedding_dim).squeeze(1)
+    def pool(matrix: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool1d(matrix.unsqueeze(1), embedding_dim).squeeze(1)
+
+    if not per_level:
+        return pool(torch.eye(sum(channels)))
+    blocks = []
+    for level, num_channels in enumerate(channels):
+        block = torch.zeros(num_channels, len(channels) * embedding_dim)
+        block[:, level * embedding_dim : (level + 1) * embedding_dim] = pool(torch.eye(num_channels))
+        blocks.append(block)
+    return pool(torch.cat(blocks))
 
 
 def distance_preserving_projection(projection: torch.Tensor) -> torch.Tensor:
@@ -45,7 +58,7 @@ class PatchcoreModel(ResizableBuffersMixin, nn.Module):
     Patch features: each level is averaged over a `patch_size` x `patch_size` neighbourhood,
     deeper levels are bilinearly upsampled to the first level's resolution, and the concatenated
     vector is projected to `embedding_dim` by adaptive average pooling (`pooling_projection`,
-    applied in its distance-preserving form, `distance_preserving_projection`).
+    per level first when `pool_per_level`; applied in its distance-preserving form).
     """
 
     resizable_buffers = ("memory_bank",)
@@ -55,6 +68,7 @@ class PatchcoreModel(ResizableBuffersMixin, nn.Module):
         backbone: dict,
         levels: Sequence[int] = (2, 3),
         embedding_dim: int = 1024,
+        pool_per_level: bool = True,
         patch_size: int = 3,
         num_neighbors: int = 9,
         blur_sigma: float = 4.0,
@@ -67,7 +81,7 @@ class PatchcoreModel(ResizableBuffersMixin, nn.Module):
         self.num_neighbors = num_neighbors
         self.blur_sigma = blur_sigma
         self.nn_chunk_size = nn_chunk_size
-        projection = pooling_projection(sum(self.feature_extractor.channels), embedding_dim)
+        projection = pooling_projection(self.feature_extractor.channels, embedding_dim, pool_per_level)
         self.register_buffer("projection", distance_preserving_projection(projection), persistent=False)
         self.feature_dim = self.projection.shape[1]
         self.register_buffer("memory_bank", torch.empty(0, self.feature_dim))

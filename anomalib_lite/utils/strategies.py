@@ -1,0 +1,20 @@
+"""Lightning's DDP strategy, usable by methods with nothing to train (memory banks)."""
+
+from __future__ import annotations
+
+from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
+from torch import nn
+
+
+class DDPStrategy(LightningDDPStrategy):
+    """DDP that leaves a model without trainable parameters unwrapped.
+
+    torch's DistributedDataParallel refuses such a model; memory-bank methods need DDP only for
+    process groups, sharded data and collectives (all_gather, broadcast), which work unwrapped,
+    exactly as Lightning already runs validation and test.
+    """
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        if not any(parameter.requires_grad for parameter in model.parameters()):
+            return model
+        return super()._setup_model(model)
