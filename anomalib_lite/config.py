@@ -25,7 +25,8 @@ _register_resolvers()
 def check_config(cfg: DictConfig) -> None:
     """Config-level errors, reported before data is read or a model is built."""
     backbone = cfg.backbone
-    check_levels(backbone.name, list(cfg.method.levels), backbone.get("available_levels"))
+    if cfg.method.get("levels") is not None:
+        check_levels(backbone.name, list(cfg.method.levels), backbone.get("available_levels"))
     weights = str(backbone.weights)
     if weights not in ("hub", "none", "offline") and not Path(weights).expanduser().is_file():
         raise UserInputError(f"backbone weights file not found: {weights} (backbone.weights: hub | none | offline | a file)")

@@ -4,7 +4,6 @@ test, and write metrics.json, heatmaps/, logs and a checkpoint into the run's ou
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -19,8 +18,6 @@ from anomalib_lite.callbacks import AnomalyMetrics
 from anomalib_lite.config import CONFIG_DIR, check_config
 from anomalib_lite.errors import UserInputError
 
-log = logging.getLogger("anomalib_lite")
-
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max")
 
 
@@ -30,7 +27,7 @@ def _dataset_name(datamodule: L.LightningDataModule) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One experiment; returns what it writes to metrics.json."""
-    check_config(cfg)
+    check_config(cfg)  # config mistakes first: nothing is read or written before they are ruled out
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.dataset)
@@ -39,7 +36,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     module = instantiate(cfg.method, backbone=OmegaConf.to_container(cfg.backbone, resolve=True))
-    datamodule.shuffle_train = module.shuffle_train
+    datamodule.shuffle_train = module.shuffle_train  # memory banks read the training set once, in order
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **module.trainer_arguments)

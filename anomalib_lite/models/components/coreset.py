@@ -58,13 +58,16 @@ def greedy_coreset(
 
     report_every = max(1, k // 100)
     bar = tqdm(total=k, desc="coreset", unit="pt", disable=not progress, mininterval=1.0)
+    # While the loop is dense, the reach test is repeated only every `dense_streak` steps (doubling):
+    # a plain pass is always exact, so testing less often only saves the test's own cost.
+    next_reach_test, dense_streak = 1, 1
     for step in range(k):
         selected[step] = current[0]
         center = points.index_select(0, current).squeeze(0)
         centers[step] = center
         center_norms[step] = squared_norms[current[0]]
         candidates = None
-        if step > 0:
+        if step >= next_reach_test:
             # Squared distances from the new centre to every earlier one; x is in reach iff
             # |c - c_a(x)|^2 < 4 r(x)^2 (with slack, so float rounding never skips a real move).
             to_centers = center_norms[:step] - 2.0 * (centers[:step] @ center) + center_norms[step]
@@ -72,6 +75,9 @@ def greedy_coreset(
             candidates = in_reach.nonzero().squeeze(1)
             if candidates.numel() > num_points * dense_fraction:
                 candidates = None
+                next_reach_test, dense_streak = step + dense_streak, min(2 * dense_streak, 64)
+            else:
+                next_reach_test, dense_streak = step + 1, 1
         if candidates is None:
             torch.addmv(squared_norms, points, center, alpha=-2.0, out=distances)
             distances.add_(center_norms[step])

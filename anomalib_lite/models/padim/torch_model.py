@@ -30,7 +30,7 @@ class PadimModel(ResizableBuffersMixin, nn.Module):
         self,
         backbone: dict,
         levels: Sequence[int] = (1, 2, 3),
-        num_features: int | None = 100,
+        num_features: int | None = 200,
         feature_seed: int = 0,
         covariance_eps: float = 0.01,
         blur_sigma: float = 4.0,

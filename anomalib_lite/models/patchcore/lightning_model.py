@@ -2,46 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components import MemoryBankModule
 from anomalib_lite.models.patchcore.torch_model import PatchcoreModel
 
 
 class Patchcore(MemoryBankModule):
+    """The coreset knobs live here (the callback reads them); `model_args` are PatchcoreModel's
+    (levels, embedding_dim, pool_per_level, patch_size, num_neighbors, blur_sigma, nn_chunk_size)."""
+
     def __init__(
         self,
         backbone: dict,
-        levels: Sequence[int] = (2, 3),
         coreset_ratio: float = 0.1,
         coreset_projection_dim: int = 128,
         coreset_seed: int = 0,
-        embedding_dim: int = 1024,
-        pool_per_level: bool = True,
-        patch_size: int = 3,
-        num_neighbors: int = 9,
-        blur_sigma: float = 4.0,
-        nn_chunk_size: int = 4096,
+        **model_args: Any,
     ) -> None:
         super().__init__()
         if not 0 < coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+            raise UserInputError(f"method.coreset_ratio must be in (0, 1], got {coreset_ratio}")
         self.save_hyperparameters()
         self.coreset_ratio = coreset_ratio
         self.coreset_projection_dim = coreset_projection_dim
         self.coreset_seed = coreset_seed
-        self.model = PatchcoreModel(
-            backbone=dict(backbone),
-            levels=levels,
-            embedding_dim=embedding_dim,
-            pool_per_level=pool_per_level,
-            patch_size=patch_size,
-            num_neighbors=num_neighbors,
-            blur_sigma=blur_sigma,
-            nn_chunk_size=nn_chunk_size,
-        )
+        self.model = PatchcoreModel(backbone=dict(backbone), **model_args)
 
     # The coreset callback's interface (any memory-bank method with a coreset can offer it).
     @property
