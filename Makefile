@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(PYTHON) -m ruff check anomalib_lite tests experiments
 
 # Real-data benchmarks (../shared/datasets): PatchCore and PaDiM x MVTec bottle and MTD,
-# offline EfficientNet-Lite0, 256 -> 224; then the table. About 25 minutes on 2 CPU cores.
+# offline EfficientNet-Lite0, 256 -> 224; then the table. About 30 minutes on 2 CPU cores.
 BENCH_DIR ?= outputs/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 bench: $(STAMP)
 	$(PYTHON) -m anomalib_lite -m experiment=lite0_mvtec,lite0_mtd method=patchcore,padim hydra.sweep.dir=$(BENCH_DIR)

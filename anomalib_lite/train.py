@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.validate(module, datamodule=datamodule, verbose=False)
     validate_seconds = time.perf_counter() - start
     checkpoint = output_dir / "checkpoints" / "model.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    trainer.save_checkpoint(checkpoint, weights_only=False)  # full: hyperparameters reload the method
     start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
     test_seconds = time.perf_counter() - start

@@ -21,7 +21,7 @@ TINY_COMMON = [
     "dataset.batch_size=8",
     "dataset.val_ratio=0.2",
     "dataset.num_workers=0",
-    "callbacks.heatmaps.max_images=6",
+    "callbacks.heatmaps.max_per_type=2",
     "~callbacks.progress",
 ]
 TINY_SYNTHETIC = [

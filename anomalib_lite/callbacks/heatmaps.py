@@ -68,24 +68,26 @@ def _save_atomically(image: Image.Image, path: Path) -> None:
 
 
 class HeatmapExport(Callback):
-    """Writes `<output_dir>/<defect_type>/<image stem>.png` for up to `max_images` test images."""
+    """Writes `<output_dir>/<defect_type>/<image stem>.png` for up to `max_per_type` test images
+    of every defect type (null: all), so each type is represented however large the test set."""
 
-    def __init__(self, output_dir: str | Path, max_images: int | None = 200, colormap: str = "jet") -> None:
+    def __init__(self, output_dir: str | Path, max_per_type: int | None = 30, colormap: str = "jet") -> None:
         self.output_dir = Path(output_dir)
-        self.max_images = max_images
+        self.max_per_type = max_per_type
         self.colormap = colormap
-        self._written = 0
+        self._written: dict[str, int] = {}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._written = 0
+        self._written = {}
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
-        cap = None if self.max_images is None else -(-self.max_images // trainer.world_size)
+        # Under DDP every rank writes its share of the cap.
+        cap = None if self.max_per_type is None else -(-self.max_per_type // trainer.world_size)
         normalized = pl_module.normalize_anomaly_map(outputs["anomaly_map"].detach())
         for i in range(len(batch["image"])):
-            if cap is not None and self._written >= cap:
-                return
             defect_type = batch["defect_type"][i]
+            if cap is not None and self._written.get(defect_type, 0) >= cap:
+                continue
             folder = self.output_dir / defect_type
             folder.mkdir(parents=True, exist_ok=True)
             mask = batch["mask"][i] if bool(batch["has_mask"][i]) else None
@@ -97,4 +99,4 @@ class HeatmapExport(Callback):
                 f"score {score:.3g} (thr {threshold:.3g}) {verdict}", colormap=self.colormap,
             )
             _save_atomically(sheet, folder / f"{Path(batch['image_path'][i]).stem}.png")
-            self._written += 1
+            self._written[defect_type] = self._written.get(defect_type, 0) + 1
