@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from hydra.utils import get_class
 
 from anomalib_lite.train import METRIC_KEYS, run
 
@@ -32,10 +31,9 @@ def test_fit_and_test_on_synthetic(method: str, make_cfg, tmp_path: Path) -> Non
     assert {p.parent.name for p in heatmaps} == {"good", "scratch", "hole", "stain", "missing"} and len(heatmaps) == 10
     assert list((out / "logs").rglob("metrics.csv")), "the CSV logger got the metrics"
 
-    # The checkpoint restores the fitted model (memory bank / Gaussians, thresholds) in a fresh module.
-    fresh = instantiate(cfg.method, backbone=OmegaConf.to_container(cfg.backbone))
-    state = torch.load(out / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    fresh.load_state_dict(state)
+    # The checkpoint alone restores the fitted model (memory bank / Gaussians, thresholds).
+    module_class = get_class(cfg.method._target_)
+    fresh = module_class.load_from_checkpoint(out / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)
     fresh.eval()
     assert float(fresh.image_threshold) == pytest.approx(written["image_threshold"])
     images = torch.rand(2, 3, 96, 96)
