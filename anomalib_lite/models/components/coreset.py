@@ -56,6 +56,9 @@ def greedy_coreset(
     generator = torch.Generator().manual_seed(seed)
     current = torch.randint(num_points, (1,), generator=generator).to(device)
 
+    # The expansion |x|^2 - 2 x.c + |c|^2 loses ~eps * |x|^2 to rounding: the reach test gets that much
+    # slack (and more), so rounding can only make it keep a point, never skip one that moves.
+    slack = 1e-5 * float(squared_norms.max())
     report_every = max(1, k // 100)
     bar = tqdm(total=k, desc="coreset", unit="pt", disable=not progress, mininterval=1.0)
     # While the loop is dense, the reach test is repeated only every `dense_streak` steps (doubling):
@@ -69,9 +72,9 @@ def greedy_coreset(
         candidates = None
         if step >= next_reach_test:
             # Squared distances from the new centre to every earlier one; x is in reach iff
-            # |c - c_a(x)|^2 < 4 r(x)^2 (with slack, so float rounding never skips a real move).
+            # |c - c_a(x)|^2 < 4 r(x)^2.
             to_centers = center_norms[:step] - 2.0 * (centers[:step] @ center) + center_norms[step]
-            in_reach = to_centers.index_select(0, assignment) < 4.0 * min_distances * (1 + 1e-4) + 1e-6
+            in_reach = to_centers.index_select(0, assignment) < 4.0 * min_distances + slack
             candidates = in_reach.nonzero().squeeze(1)
             if candidates.numel() > num_points * dense_fraction:
                 candidates = None
