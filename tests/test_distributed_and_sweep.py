@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -36,6 +37,11 @@ def test_ddp_cpu_matches_single_process(tmp_path: Path, cache_dir: Path) -> None
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max", "image_threshold"):
         assert ddp_metrics[key] == pytest.approx(single_metrics[key], rel=1e-4, abs=1e-5), key
     assert ddp_metrics["num_test_images"] == single_metrics["num_test_images"]
+    # Rank 0 writes every rank's predictions, each with its image path.
+    rows = {name: list(csv.DictReader((tmp_path / name / "predictions.csv").open())) for name in ("single", "ddp")}
+    assert len(rows["ddp"]) == ddp_metrics["num_test_images"]
+    assert [r["image_path"] for r in rows["ddp"]] == [r["image_path"] for r in rows["single"]]
+    assert all(r["image_path"] for r in rows["ddp"])
 
 
 def test_multirun_sweep_and_collect(tmp_path: Path, cache_dir: Path) -> None:

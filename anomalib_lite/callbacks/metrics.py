@@ -59,7 +59,6 @@ class AnomalyMetrics(Callback):
 
     def _reset(self) -> None:
         self._scores, self._maps, self._masks, self._labels, self._index, self._has_mask = [], [], [], [], [], []
-        self._paths: dict[int, tuple[str, str]] = {}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
@@ -71,8 +70,6 @@ class AnomalyMetrics(Callback):
         self._labels.append(torch.as_tensor(batch["label"]).cpu())
         self._index.append(torch.as_tensor(batch["index"]).cpu())
         self._has_mask.append(torch.as_tensor(batch["has_mask"]).cpu())
-        for index, path, defect in zip(batch["index"].tolist(), batch["image_path"], batch["defect_type"]):
-            self._paths[index] = (path, defect)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         gathered = gather_samples(
@@ -84,7 +81,6 @@ class AnomalyMetrics(Callback):
             torch.cat(self._index),
             keep_index=True,
         )
-        paths = self._paths
         self._reset()
         with_masks = bool(gathered["has_mask"].all())
         threshold = getattr(pl_module, "image_threshold", None)
@@ -96,14 +92,16 @@ class AnomalyMetrics(Callback):
         )
         self.results["num_test_images"] = int(gathered["label"].numel())
         if self.predictions_file is not None and trainer.is_global_zero:
-            self._write_predictions(gathered, paths, float(threshold) if threshold is not None else float("nan"))
+            # Paths by dataset index: rank 0 writes every rank's rows under DDP.
+            samples = getattr(trainer.datamodule, "test_samples", None) or []
+            self._write_predictions(gathered, samples, float(threshold) if threshold is not None else float("nan"))
         pl_module.log_dict({k: float(v) for k, v in self.results.items() if v is not None}, sync_dist=False)
 
-    def _write_predictions(self, gathered: dict[str, torch.Tensor], paths: dict, threshold: float) -> None:
+    def _write_predictions(self, gathered: dict[str, torch.Tensor], samples: list, threshold: float) -> None:
         self.predictions_file.parent.mkdir(parents=True, exist_ok=True)
         with self.predictions_file.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["image_path", "defect_type", "label", "score", "predicted_anomalous"])
             for index, label, score in zip(gathered["index"].tolist(), gathered["label"].tolist(), gathered["score"].tolist()):
-                path, defect = paths.get(index, ("", ""))
+                path, defect = (str(samples[index].image_path), samples[index].defect_type) if index < len(samples) else ("", "")
                 writer.writerow([path, defect, int(label), f"{score:.6g}", int(score > threshold)])

@@ -53,6 +53,10 @@ def greedy_coreset(
     min_distances = torch.full((num_points,), float("inf"), device=device)  # squared, to the nearest centre
     assignment = torch.zeros(num_points, dtype=torch.long, device=device)  # index of that centre
     distances = torch.empty(num_points, device=device)
+    # Scratch for the reach test, also allocated once: gathered centre distances, bounds, mask.
+    reach_lhs = torch.empty(num_points, device=device)
+    reach_rhs = torch.empty(num_points, device=device)
+    mask = torch.empty(num_points, dtype=torch.bool, device=device)
     generator = torch.Generator().manual_seed(seed)
     current = torch.randint(num_points, (1,), generator=generator).to(device)
 
@@ -74,8 +78,10 @@ def greedy_coreset(
             # Squared distances from the new centre to every earlier one; x is in reach iff
             # |c - c_a(x)|^2 < 4 r(x)^2.
             to_centers = center_norms[:step] - 2.0 * (centers[:step] @ center) + center_norms[step]
-            in_reach = to_centers.index_select(0, assignment) < 4.0 * min_distances + slack
-            candidates = in_reach.nonzero().squeeze(1)
+            torch.index_select(to_centers, 0, assignment, out=reach_lhs)
+            torch.mul(min_distances, 4.0, out=reach_rhs).add_(slack)
+            torch.lt(reach_lhs, reach_rhs, out=mask)
+            candidates = mask.nonzero().squeeze(1)
             if candidates.numel() > num_points * dense_fraction:
                 candidates = None
                 next_reach_test, dense_streak = step + dense_streak, min(2 * dense_streak, 64)
@@ -84,7 +90,8 @@ def greedy_coreset(
         if candidates is None:
             torch.addmv(squared_norms, points, center, alpha=-2.0, out=distances)
             distances.add_(center_norms[step])
-            assignment.masked_fill_(distances < min_distances, step)
+            torch.lt(distances, min_distances, out=mask)
+            assignment.masked_fill_(mask, step)
             torch.minimum(min_distances, distances, out=min_distances)
         elif candidates.numel() > 0:
             candidate_distances = torch.addmv(
