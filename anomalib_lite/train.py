@@ -4,6 +4,7 @@ test, and write metrics.json, heatmaps/, logs and a checkpoint into the run's ou
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from anomalib_lite.callbacks import AnomalyMetrics
@@ -19,6 +22,10 @@ from anomalib_lite.config import CONFIG_DIR, check_config
 from anomalib_lite.errors import UserInputError
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max")
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def _dataset_name(datamodule: L.LightningDataModule) -> str:
@@ -35,9 +42,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")  # reads and checks the data before any model is built
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    module = instantiate(cfg.method, backbone=OmegaConf.to_container(cfg.backbone, resolve=True))
+    # _convert_="all": plain lists and dicts as hyperparameters, so checkpoints load with weights_only.
+    module = instantiate(cfg.method, backbone=OmegaConf.to_container(cfg.backbone, resolve=True), _convert_="all")
     datamodule.shuffle_train = module.shuffle_train  # memory banks read the training set once, in order
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    best_epoch_checkpoint = _best_epoch_checkpoint(module, output_dir)
+    if best_epoch_checkpoint is not None:
+        callbacks.append(best_epoch_checkpoint)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **module.trainer_arguments)
 
@@ -45,7 +56,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    # Trained methods go on with their best epoch's weights (restored from its checkpoint).
+    best_path = best_epoch_checkpoint.best_model_path if best_epoch_checkpoint is not None else ""
+    trainer.validate(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None)
     validate_seconds = time.perf_counter() - start
     checkpoint = output_dir / "checkpoints" / "model.ckpt"
     trainer.save_checkpoint(checkpoint, weights_only=False)  # full: hyperparameters reload the method
@@ -60,11 +73,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fit_seconds=round(fit_seconds, 2),
         validate_seconds=round(validate_seconds, 2),
         test_seconds=round(test_seconds, 2),
-        method=type(module).__name__.lower(),
+        method=_snake_case(type(module).__name__),  # CsFlow -> cs_flow, as its config
         backbone=cfg.backbone.name,
         weights=str(cfg.backbone.weights),
         dataset=_dataset_name(datamodule),
         category=getattr(datamodule, "category", None) or Path(datamodule.name).name,
+        epochs=trainer.max_epochs,
+        best_epoch=_checkpoint_epoch(best_path),
         num_train_images=len(datamodule.train_samples),
         num_val_images=len(datamodule.val_samples),
         image_threshold=float(module.image_threshold),
@@ -79,6 +94,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _best_epoch_checkpoint(module: L.LightningModule, output_dir: Path) -> ModelCheckpoint | None:
+    """For trained methods: keep the epoch with the best validation signal (no test labels)."""
+    monitor = getattr(module, "checkpoint_monitor", None)
+    if monitor is None:
+        return None
+    return ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", filename="best_epoch", monitor=monitor, mode="min",
+        save_top_k=1, save_weights_only=True, enable_version_counter=False,
+    )
+
+
+def _checkpoint_epoch(path: str) -> int | None:
+    """The 1-based epoch a Lightning checkpoint was written in (None without one)."""
+    if not path:
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"]) + 1
+
+
 def _report(results: dict[str, Any], output_dir: Path, callbacks: list) -> None:
     def fmt(value: Any) -> str:
         return "n/a" if value is None else f"{value:.3f}"
@@ -86,7 +119,8 @@ def _report(results: dict[str, Any], output_dir: Path, callbacks: list) -> None:
     lines = [
         f"{results['method']} | {results['backbone']} | {results['dataset']}/{results['category']}",
         "  " + "  ".join(f"{key} {fmt(results[key])}" for key in METRIC_KEYS),
-        f"  fit {results['fit_seconds']:.1f} s  test {results['test_seconds']:.1f} s",
+        f"  fit {results['fit_seconds']:.1f} s  test {results['test_seconds']:.1f} s"
+        + (f"  (best epoch {results['best_epoch']} of {results['epochs']})" if results["best_epoch"] else ""),
         f"  metrics:  {output_dir / 'metrics.json'}",
     ]
     heatmap_dirs = [str(c.output_dir) for c in callbacks if hasattr(c, "output_dir")]

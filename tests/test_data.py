@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalib_lite.data import DEFECT_TYPES, FolderDataModule, MVTecDataModule, generate_category
+from anomalib_lite.data import DEFECT_TYPES, CutBlendSynthesizer, FolderDataModule, MVTecDataModule, generate_category
 from anomalib_lite.errors import UserInputError
 
 
@@ -97,3 +97,74 @@ def test_folder_datamodule(tmp_path, synthetic_root) -> None:
     assert not no_masks.has_masks
     with pytest.raises(UserInputError, match="dataset folder not found"):
         FolderDataModule(normal_dir=tmp_path / "nope", abnormal_dir=category / "test" / "hole").setup()
+
+
+def test_few_shot_keeps_k_seeded_training_images(synthetic_root) -> None:
+    full = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.2)
+    full.setup()
+    shots = {}
+    for k in (1, 2, 4, 8):
+        few = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.2, num_shots=k)
+        few.setup()
+        assert len(few.train_samples) == k
+        assert {s.image_path for s in few.train_samples} <= {s.image_path for s in full.train_samples}
+        assert few.val_samples == full.val_samples and few.test_samples == full.test_samples
+        shots[k] = {s.image_path for s in few.train_samples}
+    again = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.2, num_shots=4)
+    again.setup()
+    assert {s.image_path for s in again.train_samples} == shots[4]  # seeded
+    assert shots[1] <= shots[2] <= shots[4] <= shots[8]  # nested: k images are the first k of the draw
+    too_many = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.2, num_shots=9)
+    with pytest.raises(UserInputError, match="num_shots=9 but only 8"):
+        too_many.setup()
+    with pytest.raises(UserInputError, match="num_shots"):
+        MVTecDataModule(synthetic_root, "disc", num_shots=0)
+
+
+def test_cut_blend_synthesis_is_seeded_and_its_masks_are_exact() -> None:
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sources = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out_a, masks_a = CutBlendSynthesizer(seed=3)(images, sources)
+    out_b, masks_b = CutBlendSynthesizer(seed=3)(images, sources)
+    out_c, _ = CutBlendSynthesizer(seed=4)(images, sources)
+    assert torch.equal(out_a, out_b) and torch.equal(masks_a, masks_b) and not torch.equal(out_a, out_c)
+    assert masks_a.shape == (4, 32, 32) and set(masks_a.unique().tolist()) == {0.0, 1.0}
+    outside = (masks_a == 0).unsqueeze(1).expand_as(images)
+    assert torch.equal(out_a[outside], images[outside])  # nothing changes outside the mask
+    inside = (masks_a == 1).unsqueeze(1).expand_as(images)
+    assert (out_a[inside] - images[inside]).abs().min() > 0  # every masked pixel was blended (random data)
+    assert torch.equal(images, torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))  # input kept
+
+
+def test_cut_blend_pastes_a_crop_of_the_source_with_its_size_and_opacity() -> None:
+    images = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    sources = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    synthesizer = CutBlendSynthesizer(num_patches=(1, 1), patch_fraction=(0.2, 0.4), opacity=(1.0, 1.0), seed=0)
+    out, masks = synthesizer(images, sources)
+    for index in range(2):
+        rows, cols = torch.nonzero(masks[index], as_tuple=True)
+        top, left = int(rows.min()), int(cols.min())
+        height, width = int(rows.max()) - top + 1, int(cols.max()) - left + 1
+        assert masks[index].sum() == height * width  # one rectangle
+        assert 4 <= height <= 8 and 4 <= width <= 8  # 0.2..0.4 of 20 px
+        patch = out[index, :, top : top + height, left : left + width]
+        # Opacity 1: the patch is an exact crop of the source image somewhere.
+        found = any(
+            torch.equal(patch, sources[index, :, y : y + height, x : x + width])
+            for y in range(21 - height) for x in range(21 - width)
+        )
+        assert found
+    # Opacity 0.5: 2 * out - image is the source crop (a blend, not a paste).
+    half = CutBlendSynthesizer(num_patches=(1, 1), patch_fraction=(0.2, 0.4), opacity=(0.5, 0.5), seed=0)
+    out, masks = half(images, sources)
+    rows, cols = torch.nonzero(masks[0], as_tuple=True)
+    top, left, height, width = int(rows.min()), int(cols.min()), int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+    recovered = 2 * out[0, :, top : top + height, left : left + width] - images[0, :, top : top + height, left : left + width]
+    assert any(
+        torch.allclose(recovered, sources[0, :, y : y + height, x : x + width], atol=1e-5)
+        for y in range(21 - height) for x in range(21 - width)
+    )
+    with pytest.raises(ValueError, match="opacity"):
+        CutBlendSynthesizer(opacity=(0.0, 1.0))
+    with pytest.raises(ValueError, match="num_patches"):
+        CutBlendSynthesizer(num_patches=(0, 2))

@@ -18,6 +18,9 @@ class AnomalyDataModule(L.LightningDataModule):
 
     The validation split is `val_ratio` of the normal training images, drawn with `seed`:
     it holds only normal images, so nothing fitted on it ever sees a test label.
+    `num_shots=k` (few-shot) then keeps k of the remaining normal images for fitting, drawn with
+    the same seed; validation still uses the held-out slice (thresholds and the best-epoch choice
+    of trained methods), never the test set.
     Subclasses implement `scan()` returning (normal training samples, test samples).
     """
 
@@ -31,6 +34,7 @@ class AnomalyDataModule(L.LightningDataModule):
         val_ratio: float = 0.1,
         seed: int = 0,
         shuffle_train: bool = False,
+        num_shots: int | None = None,
     ) -> None:
         super().__init__()
         self.resize = ImageResize(image_size, crop_size)
@@ -40,6 +44,9 @@ class AnomalyDataModule(L.LightningDataModule):
         if not 0 <= val_ratio < 1:
             raise UserInputError(f"dataset.val_ratio must be in [0, 1), got {val_ratio}")
         self.val_ratio = val_ratio
+        if num_shots is not None and num_shots < 1:
+            raise UserInputError(f"dataset.num_shots must be a positive number of images (or null), got {num_shots}")
+        self.num_shots = num_shots
         self.seed = seed
         self.shuffle_train = shuffle_train
         self.train_samples: list[Sample] | None = None
@@ -71,8 +78,16 @@ class AnomalyDataModule(L.LightningDataModule):
         num_val = round(len(train) * self.val_ratio)
         if num_val >= len(train):
             raise UserInputError(f"{self.name}: {len(train)} normal images are too few for val_ratio={self.val_ratio}")
+        fit_order = order[num_val:]
+        if self.num_shots is not None:
+            if self.num_shots > len(fit_order):
+                raise UserInputError(
+                    f"{self.name}: dataset.num_shots={self.num_shots} but only {len(fit_order)} normal images "
+                    f"are left for fitting after the validation split (val_ratio={self.val_ratio})"
+                )
+            fit_order = fit_order[: self.num_shots]
         self.val_samples = [train[i] for i in sorted(order[:num_val])]
-        self.train_samples = [train[i] for i in sorted(order[num_val:])]
+        self.train_samples = [train[i] for i in sorted(fit_order)]
         self.test_samples = test
 
     @property

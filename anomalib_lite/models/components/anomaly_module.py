@@ -3,7 +3,9 @@
 `AnomalyModule` owns what is the same for all methods: validation on held-out *normal* images
 fits the image/pixel thresholds and the heatmap colour scale (stored as buffers, so they travel
 in the checkpoint), and test steps hand one `AnomalyOutput` per batch to the callbacks.
-`MemoryBankModule` adds the one-pass fitting of memory-bank methods (PatchCore, PaDiM).
+`MemoryBankModule` adds the one-pass fitting of memory-bank methods (PatchCore, PaDiM);
+`TrainedModule` the optimiser loop of trained methods (the flows), with the best epoch chosen by
+a validation loss on held-out normal images (no test label involved).
 """
 
 from __future__ import annotations
@@ -118,3 +120,46 @@ class MemoryBankModule(AnomalyModule):
         )
         self._train_embeddings, self._train_index = [], []
         self.model.fit(gathered["embedding"])
+
+
+class TrainedModule(AnomalyModule):
+    """Methods fitted by gradient descent for `epochs` epochs on normal images.
+
+    The torch model provides `loss(images) -> scalar` (the training objective on a batch, also
+    evaluated on the held-out normal validation images after every epoch as `val_loss`).
+    The run keeps the weights of the epoch with the lowest `val_loss` (a Lightning
+    `ModelCheckpoint`, see `checkpoint_monitor`) and tests those, not the last epoch's.
+    Subclasses with another objective override `training_step`.
+    """
+
+    checkpoint_monitor = "val_loss"  # lower is better
+
+    def __init__(self, epochs: int, learning_rate: float, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        self.epochs = epochs
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:  # type: ignore[override]
+        # Validation after every epoch: it both scores the epoch and refits the thresholds.
+        return {
+            "max_epochs": self.epochs, "num_sanity_val_steps": 0, "check_val_every_n_epoch": 1,
+            "enable_checkpointing": True,  # the run adds the best-epoch ModelCheckpoint
+        }
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(trainable, lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model.loss(batch["image"])
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        loss = self.model.loss(batch["image"])
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(batch["image"]))

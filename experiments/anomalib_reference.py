@@ -1,0 +1,174 @@
+"""Run anomalib 2.7 at our benchmark settings, as the reference our numbers are compared with.
+
+Run it from a separate environment that has anomalib (it pins its own versions), e.g.:
+
+    python3 -m venv --system-site-packages ../venv-anomalib
+    ../venv-anomalib/bin/pip install anomalib==2.7.0
+    ../venv-anomalib/bin/python experiments/anomalib_reference.py padim --dataset mtd
+
+Settings: timm `tf_efficientnet_lite0` with the offline ImageNet weights (the same file our
+`backbone.weights=offline` loads, renamed onto timm's keys), Resize 256x256 -> CenterCrop 224,
+mean = std = 0.5. anomalib's MVTec reader takes only .png, so JPEG datasets (Magnetic-Tile) are
+converted once, losslessly, into a cache folder outside the project. anomalib's defaults otherwise:
+it fits on every train/good image and uses the test set as its validation set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torchvision.transforms.v2 import Normalize
+
+DATASETS = {"mvtec": ("mvtec_ad", "bottle"), "mtd": ("mtd", "magnetic_tile")}
+NORMALIZATION = {
+    "half": Normalize([0.5] * 3, [0.5] * 3),  # what the EfficientNet-Lite weights were trained with
+    "imagenet": Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),  # anomalib's default
+}
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def png_copy(root: Path, category: str, cache: Path) -> Path:
+    """The MVTec-layout category with every image as PNG (anomalib's reader skips other suffixes)."""
+    from PIL import Image
+
+    target = cache / root.name
+    marker = target / category / ".complete"
+    if marker.exists():
+        return target
+    for source in sorted((root / category).rglob("*")):
+        if source.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp"}:
+            continue
+        destination = (target / source.relative_to(root)).with_suffix(".png")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(source).save(destination)
+    marker.touch()
+    return target
+
+
+def lite0_feature_weights() -> dict[str, torch.Tensor]:
+    """Our offline lite0 ImageNet weights under timm's key names (head keys dropped)."""
+    from anomalib_lite.models.components.feature_extractor import load_classifier_state_dict
+
+    state = load_classifier_state_dict("tf_efficientnet_lite0", "offline")
+    return {k: v for k, v in state.items() if not k.startswith(("conv_head", "bn2", "classifier"))}
+
+
+def build_model(method: str, normalization: str, n_features: int):
+    from anomalib.models import Cflow, Fastflow, Padim, Patchcore
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import CenterCrop, Compose, Resize
+
+    pre_processor = PreProcessor(
+        transform=Compose([Resize((256, 256), antialias=True), CenterCrop((224, 224)), NORMALIZATION[normalization]])
+    )
+    evaluator = build_evaluator()
+    common = {"pre_processor": pre_processor, "evaluator": evaluator, "visualizer": False}
+    if method == "padim":
+        model = Padim(backbone="tf_efficientnet_lite0", layers=[1, 2, 3], pre_trained=False, n_features=n_features, **common)
+    elif method == "patchcore":
+        model = Patchcore(backbone="tf_efficientnet_lite0", layers=[2, 3], pre_trained=False, **common)
+    elif method == "cflow":
+        model = Cflow(backbone="tf_efficientnet_lite0", layers=[2, 3, 4], pre_trained=False, **common)
+    elif method == "fastflow_resnet18_random":
+        model = Fastflow(backbone="resnet18", pre_trained=False, **common)
+        return model
+    else:
+        raise SystemExit(f"unknown method {method}")
+    extractor = model.model.feature_extractor.feature_extractor
+    missing, unexpected = extractor.load_state_dict(lite0_feature_weights(), strict=False)
+    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+        raise RuntimeError(f"weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def build_evaluator():
+    from anomalib.metrics import AUPRO, AUROC, Evaluator
+
+    return Evaluator(
+        test_metrics=[
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_"),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", fpr_limit=0.3),
+        ]
+    )
+
+
+def raw_prediction_dump():
+    """A callback keeping anomalib's raw (un-normalised) test outputs, to score them with our metrics."""
+    from lightning.pytorch import Callback
+
+    class RawPredictions(Callback):
+        def __init__(self) -> None:
+            self.rows: dict[str, list[torch.Tensor]] = {"score": [], "map": [], "label": [], "mask": []}
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            with torch.no_grad():
+                raw = pl_module.model(batch.image)  # the pre-processor has transformed batch.image already
+            self.rows["score"].append(raw.pred_score.flatten().cpu())
+            self.rows["map"].append(raw.anomaly_map.squeeze(1).cpu().half())
+            self.rows["label"].append(batch.gt_label.flatten().cpu())
+            self.rows["mask"].append(batch.gt_mask.reshape(raw.anomaly_map.squeeze(1).shape).cpu().bool())
+
+        def save(self, path: Path) -> None:
+            torch.save({k: torch.cat(v) for k, v in self.rows.items()}, path)
+
+    return RawPredictions()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", choices=["padim", "patchcore", "cflow", "fastflow_resnet18_random"])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="mvtec")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--normalization", choices=sorted(NORMALIZATION), default="half")
+    parser.add_argument("--n-features", type=int, default=176, help="PaDiM's random channel subset")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dump", action="store_true", help="also save the raw test outputs (runs the test twice)")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "anomalib_lite" / "anomalib_png")
+    parser.add_argument("--out", type=Path, default=Path("outputs/anomalib_reference"))
+    args = parser.parse_args()
+
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    seed_everything(args.seed)
+    folder, category = DATASETS[args.dataset]
+    root = png_copy(SHARED / folder, category, args.cache)
+    datamodule = MVTecAD(root=root, category=category, train_batch_size=32, eval_batch_size=32, num_workers=2)
+    model = build_model(args.method, args.normalization, args.n_features)
+    out = args.out / f"{args.method}_{args.dataset}_{args.normalization}_d{args.n_features}_s{args.seed}"
+    dump = raw_prediction_dump() if args.dump else None
+    engine = Engine(
+        max_epochs=args.epochs, accelerator="cpu", devices=1, default_root_dir=out, logger=False,
+        callbacks=[dump] if dump else None,
+    )
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    (metrics,) = engine.test(model=model, datamodule=datamodule)
+    test_seconds = time.perf_counter() - start
+    result = {k: float(v) for k, v in metrics.items()} | {
+        "fit_seconds": fit_seconds,
+        "test_seconds": test_seconds,
+        "epochs": args.epochs,
+        "normalization": args.normalization,
+        "n_features": args.n_features,
+        "seed": args.seed,
+        "method": args.method,
+        "dataset": args.dataset,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if dump:
+        dump.save(out / "raw_predictions.pt")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
