@@ -7,7 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalib_lite.data import DEFECT_TYPES, CutBlendSynthesizer, FolderDataModule, MVTecDataModule, generate_category
+from anomalib_lite.data import (
+    DEFECT_TYPES,
+    CutBlendSynthesizer,
+    FolderDataModule,
+    MVTecDataModule,
+    generate_category,
+)
 from anomalib_lite.errors import UserInputError
 
 
