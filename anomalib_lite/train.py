@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from anomalib_lite.callbacks import AnomalyMetrics
+from anomalib_lite.callbacks import AnomalyMetrics, EpochTimer
 from anomalib_lite.config import CONFIG_DIR, check_config
 from anomalib_lite.errors import UserInputError
 
@@ -69,6 +69,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics_callback = next((c for c in callbacks if isinstance(c, AnomalyMetrics)), None)
     results: dict[str, Any] = {key: None for key in METRIC_KEYS}
     results.update(metrics_callback.results if metrics_callback else {})
+    for timer in (c for c in callbacks if isinstance(c, EpochTimer)):
+        results.update(timer.results)
     results.update(
         fit_seconds=round(fit_seconds, 2),
         validate_seconds=round(validate_seconds, 2),
@@ -80,6 +82,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         category=getattr(datamodule, "category", None) or Path(datamodule.name).name,
         epochs=trainer.max_epochs,
         best_epoch=_checkpoint_epoch(best_path),
+        num_shots=getattr(datamodule, "num_shots", None),
         num_train_images=len(datamodule.train_samples),
         num_val_images=len(datamodule.val_samples),
         image_threshold=float(module.image_threshold),

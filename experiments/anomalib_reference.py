@@ -67,18 +67,19 @@ def build_model(method: str, normalization: str, n_features: int):
     )
     evaluator = build_evaluator()
     common = {"pre_processor": pre_processor, "evaluator": evaluator, "visualizer": False}
+    if method == "fastflow_resnet18_random":
+        # anomalib's FastFlow takes only resnet18 / wide_resnet50_2 / cait / deit: random init here.
+        return Fastflow(backbone="resnet18", pre_trained=False, **common)
     if method == "padim":
         model = Padim(backbone="tf_efficientnet_lite0", layers=[1, 2, 3], pre_trained=False, n_features=n_features, **common)
     elif method == "patchcore":
         model = Patchcore(backbone="tf_efficientnet_lite0", layers=[2, 3], pre_trained=False, **common)
     elif method == "cflow":
         model = Cflow(backbone="tf_efficientnet_lite0", layers=[2, 3, 4], pre_trained=False, **common)
-    elif method == "fastflow_resnet18_random":
-        model = Fastflow(backbone="resnet18", pre_trained=False, **common)
-        return model
     else:
         raise SystemExit(f"unknown method {method}")
-    extractor = model.model.feature_extractor.feature_extractor
+    timm_extractor = model.model.encoder if method == "cflow" else model.model.feature_extractor
+    extractor = timm_extractor.feature_extractor
     missing, unexpected = extractor.load_state_dict(lite0_feature_weights(), strict=False)
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
         raise RuntimeError(f"weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -141,11 +142,15 @@ def main() -> None:
     root = png_copy(SHARED / folder, category, args.cache)
     datamodule = MVTecAD(root=root, category=category, train_batch_size=32, eval_batch_size=32, num_workers=2)
     model = build_model(args.method, args.normalization, args.n_features)
-    out = args.out / f"{args.method}_{args.dataset}_{args.normalization}_d{args.n_features}_s{args.seed}"
+    name = f"{args.method}_{args.dataset}_{args.normalization}_s{args.seed}_e{args.epochs}"
+    out = args.out / (name + (f"_d{args.n_features}" if args.method == "padim" else ""))
+    from anomalib_lite.callbacks import EpochTimer
+
     dump = raw_prediction_dump() if args.dump else None
+    timer = EpochTimer()  # the same measurement as our runs: training epoch only, no validation
     engine = Engine(
         max_epochs=args.epochs, accelerator="cpu", devices=1, default_root_dir=out, logger=False,
-        callbacks=[dump] if dump else None,
+        callbacks=[timer] + ([dump] if dump else []),
     )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
@@ -157,6 +162,8 @@ def main() -> None:
         "fit_seconds": fit_seconds,
         "test_seconds": test_seconds,
         "epochs": args.epochs,
+        "seconds_per_epoch": timer.results["seconds_per_epoch"],
+        "epoch_seconds": [round(t, 2) for t in timer.epoch_seconds],
         "normalization": args.normalization,
         "n_features": args.n_features,
         "seed": args.seed,

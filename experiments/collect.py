@@ -4,7 +4,8 @@
     python experiments/collect.py outputs/multirun/2026-11-21_10-00-00 [--csv results.csv]
 
 Prints a markdown table per metric (method[/backbone] x category, a mean column and a mean row)
-and writes every run's row to CSV (default: <sweep dir>/results.csv).
+and writes every run's row to CSV (default: <sweep dir>/results.csv). `--rows method num_shots`
+makes the rows from other metrics.json fields (e.g. a few-shot table).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from collections import defaultdict
 from pathlib import Path
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max")
-COLUMNS = ("method", "backbone", "dataset", "category", *METRICS, "fit_seconds", "test_seconds", "run_dir")
+COLUMNS = (
+    "method", "backbone", "dataset", "category", "num_shots", "num_train_images", *METRICS,
+    "epochs", "best_epoch", "seconds_per_epoch", "fit_seconds", "test_seconds", "run_dir",
+)
 
 
 def load_runs(sweep_dir: Path) -> list[dict]:
@@ -33,10 +37,13 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def markdown_table(runs: list[dict], metric: str) -> str:
-    """Rows: method (and backbone when several); columns: categories, then the mean."""
+def markdown_table(runs: list[dict], metric: str, rows: list[str] | None = None) -> str:
+    """Rows: method (and backbone when several) or the `rows` fields; columns: categories, then the mean."""
     several_backbones = len({r["backbone"] for r in runs}) > 1
+
     def row_key(run: dict) -> str:
+        if rows:
+            return " ".join(f"{field}={run.get(field)}" if field != "method" else str(run["method"]) for field in rows)
         return f"{run['method']} ({run['backbone']})" if several_backbones else run["method"]
 
     categories = sorted({r["category"] for r in runs})
@@ -71,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--csv", type=Path, default=None, help="CSV output (default: <sweep_dir>/results.csv)")
     parser.add_argument("--metrics", nargs="+", default=["image_auroc", "pixel_auroc", "pixel_aupro"])
+    parser.add_argument("--rows", nargs="+", default=None, help="metrics.json fields that name a row")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"collect: error: not a folder: {args.sweep_dir}", file=sys.stderr)
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"collect: error: no metrics.json under {args.sweep_dir}", file=sys.stderr)
         return 2
     for metric in args.metrics:
-        print(markdown_table(runs, metric) + "\n")
+        print(markdown_table(runs, metric, args.rows) + "\n")
     csv_path = args.csv or args.sweep_dir / "results.csv"
     write_csv(runs, csv_path)
     print(f"{len(runs)} runs -> {csv_path}")

@@ -1,0 +1,32 @@
+"""experiments/collect.py on hand-made run folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("collect", REPO / "experiments" / "collect.py")
+collect = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(collect)
+
+
+def _run(root: Path, name: str, **fields) -> None:
+    (root / name).mkdir(parents=True)
+    record = {"backbone": "tf_efficientnet_lite0", "dataset": "mvtec", "category": "bottle", **fields}
+    (root / name / "metrics.json").write_text(json.dumps(record))
+
+
+def test_few_shot_rows_and_means(tmp_path: Path, capsys) -> None:
+    for k, score in ((1, 0.5), (2, 0.7)):
+        _run(tmp_path, f"pc{k}", method="patchcore", num_shots=k, image_auroc=score)
+        _run(tmp_path, f"ss{k}", method="ss_flow", num_shots=k, image_auroc=score + 0.2)
+    assert collect.main([str(tmp_path), "--metrics", "image_auroc", "--rows", "method", "num_shots"]) == 0
+    table = capsys.readouterr().out
+    assert "| patchcore num_shots=1 | 0.500 | 0.500 |" in table
+    assert "| ss_flow num_shots=2 | 0.900 | 0.900 |" in table
+    assert "| mean | 0.700 | 0.700 |" in table  # (0.5 + 0.7 + 0.7 + 0.9) / 4
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("method,backbone,dataset,category,num_shots") and len(rows) == 5
