@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # Installed once: the stamp records that `make install` ran with this pyproject.toml.
 STAMP := .install.stamp
 
-.PHONY: install train test test-slow lint bench bench-coreset clean
+.PHONY: install train test test-slow lint bench bench-flows bench-few-shot bench-coreset clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev,offline]'
@@ -30,6 +30,29 @@ BENCH_DIR ?= outputs/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 bench: $(STAMP)
 	$(PYTHON) -m anomalib_lite -m experiment=lite0_mvtec,lite0_mtd method=patchcore,padim hydra.sweep.dir=$(BENCH_DIR)
 	$(PYTHON) experiments/collect.py $(BENCH_DIR) --metrics image_auroc pixel_auroc pixel_aupro fit_seconds test_seconds
+
+# The flow methods on the same data and setting; epochs chosen for a 2-core CPU (override e.g.
+# FLOW_EPOCHS="fastflow=20 cflow=2"). Then the table. Hours on 2 CPU cores (magnetic_tile dominates).
+FLOW_EPOCHS ?= fastflow=10 cflow=2 cs_flow=4 ss_flow=4
+FLOW_DATASETS ?= lite0_mvtec lite0_mtd
+bench-flows: $(STAMP)
+	for experiment in $(FLOW_DATASETS); do for spec in $(FLOW_EPOCHS); do \
+	  method=$${spec%%=*}; epochs=$${spec##*=}; \
+	  $(PYTHON) -m anomalib_lite experiment=$$experiment method=$$method method.epochs=$$epochs \
+	    hydra.run.dir=$(BENCH_DIR)/$${experiment}_$$method || exit 1; \
+	  if [ $$method = ss_flow ]; then \
+	    $(PYTHON) -m anomalib_lite experiment=$$experiment method=ss_flow method.epochs=$$epochs method.anomaly_weight=0 \
+	      hydra.run.dir=$(BENCH_DIR)/$${experiment}_ss_flow_normal_only || exit 1; fi; \
+	done; done
+	$(PYTHON) experiments/collect.py $(BENCH_DIR) --rows method dataset epochs \
+	  --metrics image_auroc pixel_auroc pixel_aupro seconds_per_epoch fit_seconds
+
+# Few-shot on bottle: PatchCore and the self-supervised flow fitted on k = 1, 2, 4, 8 normal images.
+bench-few-shot: $(STAMP)
+	$(PYTHON) -m anomalib_lite -m experiment=lite0_mvtec method=patchcore dataset.num_shots=1,2,4,8 hydra.sweep.dir=$(BENCH_DIR)/patchcore
+	$(PYTHON) -m anomalib_lite -m experiment=lite0_mvtec method=ss_flow method.epochs=$(or $(SS_FLOW_EPOCHS),20) \
+	  dataset.num_shots=1,2,4,8 hydra.sweep.dir=$(BENCH_DIR)/ss_flow
+	$(PYTHON) experiments/collect.py $(BENCH_DIR) --rows method num_shots
 
 bench-coreset: $(STAMP)
 	$(PYTHON) experiments/bench_coreset.py

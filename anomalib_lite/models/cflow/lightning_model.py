@@ -16,7 +16,10 @@ class Cflow(TrainedModule):
     cut into batches of `fiber_batch_size`; each fiber batch is one Adam step on that level's flow.
 
     `model_args` are CflowModel's (levels, condition_dim, coupling_blocks, clamp, permute_soft).
+    One Adam per level's flow: a fiber step updates only the flow it trained.
     """
+
+    ddp_find_unused_parameters = True  # each fiber step uses one level's flow
 
     def __init__(
         self,
@@ -33,13 +36,17 @@ class Cflow(TrainedModule):
         self.model = CflowModel(backbone=dict(backbone), **model_args)
         self._epoch_max_likelihood: torch.Tensor | None = None
 
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(decoder.parameters(), lr=self.learning_rate) for decoder in self.model.decoders]
+
     def on_train_epoch_start(self) -> None:
         self._epoch_max_likelihood = torch.full_like(self.model.likelihood_offset, -torch.inf)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        optimizer = self.optimizers()
+        optimizers = self.optimizers()
         total, count = 0.0, 0
         for level, (features, conditions, _) in enumerate(self.model.fibers(batch["image"])):
+            optimizer = optimizers[level]
             order = torch.randperm(len(features), device=features.device)
             for start in range(0, len(order), self.fiber_batch_size):
                 index = order[start : start + self.fiber_batch_size]
