@@ -48,6 +48,12 @@ class CsFlowModel(nn.Module):
     scores with the squared norm of z (the Gaussian log-density of the outputs, without the
     log-determinant): image score = mean of z^2 over every position of every scale; map = per
     scale the channel mean of z^2, upsampled to the image, averaged over scales.
+
+    `normalize_features` (default in the config) layer-normalises each input map without learnable
+    parameters, as FastFlow does. The paper trains 240 epochs on raw features; with the few epochs a
+    CPU affords, raw Lite0 features left the flow far from unit scale and its z^2 map was dominated
+    by the image corners (pixel AUROC 0.46 on bottle after 4 epochs; on the tiny synthetic set
+    0.36 raw vs 0.91 normalised after 20 epochs).
     """
 
     def __init__(
@@ -58,8 +64,10 @@ class CsFlowModel(nn.Module):
         hidden_channels: int = 1024,
         kernel_sizes: Sequence[int] = (3, 3, 3, 5),
         clamp: float = 3.0,
+        normalize_features: bool = False,
     ) -> None:
         super().__init__()
+        self.normalize_features = normalize_features
         if len(levels) != 1:
             raise ValueError(f"CS-Flow uses one backbone level (seen at three input scales), got levels={list(levels)}")
         if len(kernel_sizes) != coupling_blocks:
@@ -74,7 +82,10 @@ class CsFlowModel(nn.Module):
             scaled = images if factor == 1.0 else F.interpolate(
                 images, scale_factor=factor, mode="bilinear", align_corners=False, antialias=True
             )
-            maps.append(next(iter(self.feature_extractor(scaled).values())))
+            feature = next(iter(self.feature_extractor(scaled).values()))
+            if self.normalize_features:
+                feature = F.layer_norm(feature, feature.shape[1:])
+            maps.append(feature)
         return maps
 
     def encode(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
