@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.anomaly_map import AnomalyOutput
 from anomalib_lite.utils.distributed import gather_samples
 
@@ -137,7 +138,7 @@ class TrainedModule(AnomalyModule):
     def __init__(self, epochs: int, learning_rate: float, weight_decay: float = 0.0) -> None:
         super().__init__()
         if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
+            raise UserInputError(f"method.epochs must be at least 1, got {epochs}")
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
