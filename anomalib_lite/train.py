@@ -112,7 +112,8 @@ def _checkpoint_epoch(path: str) -> int | None:
     """The 1-based epoch a Lightning checkpoint was written in (None without one)."""
     if not path:
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"]) + 1
+    # mmap: only the header is read, not the weights validate() has just loaded.
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]) + 1
 
 
 def _report(results: dict[str, Any], output_dir: Path, callbacks: list) -> None:

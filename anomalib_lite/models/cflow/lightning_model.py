@@ -44,7 +44,7 @@ class Cflow(TrainedModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         optimizers = self.optimizers()
-        total, count = 0.0, 0
+        total, count = batch["image"].new_zeros(()), 0
         for level, (features, conditions, _) in enumerate(self.model.fibers(batch["image"])):
             optimizer = optimizers[level]
             order = torch.randperm(len(features), device=features.device)
@@ -55,7 +55,7 @@ class Cflow(TrainedModule):
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 optimizer.step()
-                total += float(loss) * len(index)
+                total += loss.detach() * len(index)  # a tensor: no host sync per fiber step
                 count += len(index)
                 self._epoch_max_likelihood[level] = torch.maximum(
                     self._epoch_max_likelihood[level], log_likelihood.detach().max()

@@ -89,15 +89,14 @@ class SsFlowModel(nn.Module):
         normal = self.loss(images)
         if self.anomaly_weight == 0:
             return normal, normal.new_zeros(())
-        hinge_sum, count = normal.new_zeros(()), 0
+        hinge_sum, count = normal.new_zeros(()), normal.new_zeros(())
         for z, _ in self.encode(anomalous_images):
             coverage = F.adaptive_avg_pool2d(masks.unsqueeze(1).float(), z.shape[-2:])[:, 0]
-            anomalous = coverage >= 0.5
-            if anomalous.any():
-                density = z.pow(2).mean(dim=1)
-                hinge_sum = hinge_sum + 0.5 * F.relu(self.anomaly_margin - density[anomalous]).sum()
-                count += int(anomalous.sum())
-        anomalous_term = hinge_sum / max(count, 1)
+            anomalous = (coverage >= 0.5).to(z.dtype)  # a 0/1 weight: no data-dependent branch or sync
+            density = z.pow(2).mean(dim=1)
+            hinge_sum = hinge_sum + (0.5 * F.relu(self.anomaly_margin - density) * anomalous).sum()
+            count = count + anomalous.sum()
+        anomalous_term = hinge_sum / count.clamp_min(1)
         return normal + self.anomaly_weight * anomalous_term, anomalous_term.detach()
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
