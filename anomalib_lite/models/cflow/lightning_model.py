@@ -37,7 +37,7 @@ class Cflow(TrainedModule):
         self._epoch_max_likelihood: torch.Tensor | None = None
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [torch.optim.Adam(decoder.parameters(), lr=self.learning_rate) for decoder in self.model.decoders]
+        return [self.adam(decoder.parameters()) for decoder in self.model.decoders]
 
     def on_train_epoch_start(self) -> None:
         self._epoch_max_likelihood = torch.full_like(self.model.likelihood_offset, -torch.inf)
