@@ -31,11 +31,17 @@ NORMALIZATION = {
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
-def png_copy(root: Path, category: str, cache: Path) -> Path:
-    """The MVTec-layout category with every image as PNG (anomalib's reader skips other suffixes)."""
+def png_copy(root: Path, category: str, cache: Path, presize: int | None = None) -> Path:
+    """The MVTec-layout category with every image as PNG (anomalib's reader skips other suffixes).
+
+    `presize`: also resize every image (bilinear) and mask (nearest) to presize x presize with PIL,
+    as our data module's first step does. anomalib's own Resize then has nothing left to do, and
+    its collate, which stretches each image of a batch to the largest size in that batch (images
+    of Magnetic-Tile differ in size), no longer changes the pixels or the masks it scores.
+    """
     from PIL import Image
 
-    target = cache / root.name
+    target = cache / (root.name if presize is None else f"{root.name}_{presize}px")
     marker = target / category / ".complete"
     if marker.exists():
         return target
@@ -44,7 +50,13 @@ def png_copy(root: Path, category: str, cache: Path) -> Path:
             continue
         destination = (target / source.relative_to(root)).with_suffix(".png")
         destination.parent.mkdir(parents=True, exist_ok=True)
-        Image.open(source).save(destination)
+        image = Image.open(source)
+        if presize is not None:
+            is_mask = "ground_truth" in source.relative_to(root).parts
+            image = image.convert("L" if is_mask else "RGB").resize(
+                (presize, presize), Image.Resampling.NEAREST if is_mask else Image.Resampling.BILINEAR
+            )
+        image.save(destination)
     marker.touch()
     return target
 
@@ -128,6 +140,10 @@ def main() -> None:
     parser.add_argument("--normalization", choices=sorted(NORMALIZATION), default="half")
     parser.add_argument("--n-features", type=int, default=176, help="PaDiM's random channel subset")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--presize", type=int, default=None,
+        help="read a copy resized to N x N with PIL as ours does first (256): same pixels and masks as ours",
+    )
     parser.add_argument("--dump", action="store_true", help="also save the raw test outputs (runs the test twice)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "anomalib_lite" / "anomalib_png")
     parser.add_argument("--out", type=Path, default=Path("outputs/anomalib_reference"))
@@ -139,10 +155,11 @@ def main() -> None:
 
     seed_everything(args.seed)
     folder, category = DATASETS[args.dataset]
-    root = png_copy(SHARED / folder, category, args.cache)
+    root = png_copy(SHARED / folder, category, args.cache, args.presize)
     datamodule = MVTecAD(root=root, category=category, train_batch_size=32, eval_batch_size=32, num_workers=2)
     model = build_model(args.method, args.normalization, args.n_features)
     name = f"{args.method}_{args.dataset}_{args.normalization}_s{args.seed}_e{args.epochs}"
+    name += f"_presize{args.presize}" if args.presize else ""
     out = args.out / (name + (f"_d{args.n_features}" if args.method == "padim" else ""))
     from anomalib_lite.callbacks import EpochTimer
 
@@ -169,6 +186,7 @@ def main() -> None:
         "seed": args.seed,
         "method": args.method,
         "dataset": args.dataset,
+        "presize": args.presize,
     }
     out.mkdir(parents=True, exist_ok=True)
     if dump:

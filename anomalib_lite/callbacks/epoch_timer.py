@@ -35,7 +35,11 @@ class EpochTimer(L.Callback):
         self._close()
 
     @property
-    def results(self) -> dict[str, float | None]:
+    def results(self) -> dict[str, float | list[float] | None]:
+        """The median epoch (robust to a slow first one) and every epoch, for timing comparisons."""
         if not self.epoch_seconds:
-            return {"seconds_per_epoch": None}
-        return {"seconds_per_epoch": round(statistics.median(self.epoch_seconds), 2)}
+            return {"seconds_per_epoch": None, "epoch_seconds": []}
+        return {
+            "seconds_per_epoch": round(statistics.median(self.epoch_seconds), 2),
+            "epoch_seconds": [round(seconds, 2) for seconds in self.epoch_seconds],
+        }

@@ -17,7 +17,8 @@ class CutBlendSynthesizer:
     side length drawn as a fraction of the image side, a random position in the source and an
     independent random position in the target, blended with an opacity drawn from `opacity`.
     The source of image i is normally another normal training image (`sources`); with
-    `sources=None` the batch is rolled by one, so every image receives patches of its neighbour.
+    `sources=None` the batch is rolled by one, so every image receives patches of its neighbour
+    (a batch of one, e.g. one-shot training, receives patches moved within the same image).
     A patch moved within the same texture can be nearly invisible; that is intended (the
     self-supervised flow bounds the loss such samples can cause), but opacities start at 0.3 so
     every masked pixel really differs by a visible blend.
