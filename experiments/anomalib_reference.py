@@ -144,6 +144,14 @@ def main() -> None:
         "--presize", type=int, default=None,
         help="read a copy resized to N x N with PIL as ours does first (256): same pixels and masks as ours",
     )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="test this fitted anomalib checkpoint instead of fitting"
+    )
+    parser.add_argument(
+        "--shuffle-test", type=int, default=None, metavar="SEED",
+        help="test in a random order (seeded): anomalib's CFLOW normalises each test batch by its own maximum, "
+        "and the default order groups each defect type into the same batches",
+    )
     parser.add_argument("--dump", action="store_true", help="also save the raw test outputs (runs the test twice)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "anomalib_lite" / "anomalib_png")
     parser.add_argument("--out", type=Path, default=Path("outputs/anomalib_reference"))
@@ -160,6 +168,14 @@ def main() -> None:
     model = build_model(args.method, args.normalization, args.n_features)
     name = f"{args.method}_{args.dataset}_{args.normalization}_s{args.seed}_e{args.epochs}"
     name += f"_presize{args.presize}" if args.presize else ""
+    name += f"_shuffled{args.shuffle_test}" if args.shuffle_test is not None else ""
+    if args.shuffle_test is not None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        datamodule.setup(TrainerFn.TESTING)  # set up as the trainer would: its later setup() keeps this order
+        # The `samples` setter sorts by path again: set the frame it guards directly.
+        shuffled = datamodule.test_data.samples.sample(frac=1.0, random_state=args.shuffle_test)
+        datamodule.test_data._samples = shuffled.reset_index(drop=True)
     out = args.out / (name + (f"_d{args.n_features}" if args.method == "padim" else ""))
     from anomalib_lite.callbacks import EpochTimer
 
@@ -170,10 +186,11 @@ def main() -> None:
         callbacks=[timer] + ([dump] if dump else []),
     )
     start = time.perf_counter()
-    engine.fit(model=model, datamodule=datamodule)
+    if args.checkpoint is None:
+        engine.fit(model=model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    (metrics,) = engine.test(model=model, datamodule=datamodule)
+    (metrics,) = engine.test(model=model, datamodule=datamodule, ckpt_path=args.checkpoint)
     test_seconds = time.perf_counter() - start
     result = {k: float(v) for k, v in metrics.items()} | {
         "fit_seconds": fit_seconds,
@@ -187,6 +204,8 @@ def main() -> None:
         "method": args.method,
         "dataset": args.dataset,
         "presize": args.presize,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "shuffle_test": args.shuffle_test,
     }
     out.mkdir(parents=True, exist_ok=True)
     if dump:
