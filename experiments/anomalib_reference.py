@@ -169,6 +169,7 @@ def main() -> None:
     name = f"{args.method}_{args.dataset}_{args.normalization}_s{args.seed}_e{args.epochs}"
     name += f"_presize{args.presize}" if args.presize else ""
     name += f"_shuffled{args.shuffle_test}" if args.shuffle_test is not None else ""
+    name += "_retest" if args.checkpoint else ""  # beside the fitting run's folder, not over it
     if args.shuffle_test is not None:
         from lightning.pytorch.trainer.states import TrainerFn
 
