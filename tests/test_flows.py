@@ -197,3 +197,13 @@ def test_trained_methods_step_with_fused_adam_on_cpu() -> None:
     # The backbone is frozen: only flow parameters are optimised.
     optimised = {id(p) for group in optimizers[-1].param_groups for p in group["params"]}
     assert not optimised & {id(p) for p in fastflow.model.feature_extractor.parameters()}
+    # The same update as torch's per-tensor Adam, over a few steps.
+    fused_weight, loop_weight = (nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4)) for _ in range(2))
+    fused_adam = fastflow.adam([fused_weight])
+    loop_adam = torch.optim.Adam([loop_weight], lr=1e-3, weight_decay=1e-5, foreach=False)
+    for step in range(3):
+        for weight, optimizer in ((fused_weight, fused_adam), (loop_weight, loop_adam)):
+            optimizer.zero_grad()
+            (weight.sin() * (step + 1)).sum().backward()
+            optimizer.step()
+    torch.testing.assert_close(fused_weight, loop_weight)
