@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # Installed once: the stamp records that `make install` ran with this pyproject.toml.
 STAMP := .install.stamp
 
-.PHONY: install train test test-slow lint bench bench-flows bench-few-shot bench-coreset clean
+.PHONY: install train test test-slow lint check-wheel bench bench-flows bench-few-shot bench-coreset bench-aupro bench-selection clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev,offline]'
@@ -23,6 +23,19 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check anomalib_lite tests experiments
+
+# The package as a user installs it: a (non-editable) wheel in a fresh venv that reuses the installed
+# torch (--system-site-packages), run from a folder outside the clone: print the config, one tiny run.
+check-wheel: $(STAMP)
+	rm -rf .whl .wheel-venv
+	$(PIP) wheel --no-deps --no-build-isolation -q -w .whl .
+	$(PYTHON) -m venv --system-site-packages .wheel-venv
+	.wheel-venv/bin/pip install -q .whl/anomalib_lite-*.whl
+	cd "$$(mktemp -d)" && \
+	  $(CURDIR)/.wheel-venv/bin/python -c "import anomalib_lite; assert '.wheel-venv' in anomalib_lite.__file__, anomalib_lite.__file__" && \
+	  $(CURDIR)/.wheel-venv/bin/anomalib-lite --cfg job > config.txt && grep -q "_target_: anomalib_lite.models.patchcore.Patchcore" config.txt && \
+	  $(CURDIR)/.wheel-venv/bin/anomalib-lite dataset.image_size=64 ~callbacks.progress hydra.run.dir=run && \
+	  test -s run/metrics.json && echo "check-wheel: the installed wheel ran from $$PWD"
 
 # Real-data benchmarks (../shared/datasets): PatchCore and PaDiM x MVTec bottle and MTD,
 # offline EfficientNet-Lite0, 256 -> 224; then the table. About 30 minutes on 2 CPU cores.
@@ -59,5 +72,17 @@ bench-few-shot: $(STAMP)
 bench-coreset: $(STAMP)
 	$(PYTHON) experiments/bench_coreset.py
 
+# AUPRO against anomalib 2.7's, same process and data (needs the reference venv, see experiments/anomalib_reference.py).
+ANOMALIB_PYTHON ?= ../venv-anomalib/bin/python
+bench-aupro: $(STAMP)
+	$(ANOMALIB_PYTHON) experiments/bench_aupro.py
+
+# Label-free model selection: a 12-trial Optuna PatchCore search per dataset, then how well the
+# validation metric picked (rank correlation with the test metric, picked vs best and median trial).
+bench-selection: $(STAMP)
+	for experiment in lite0_mvtec lite0_mtd; do \
+	  $(PYTHON) -m anomalib_lite hparams_search=patchcore_optuna experiment=$$experiment hydra.sweep.dir=$(BENCH_DIR)/$$experiment || exit 1; \
+	  $(PYTHON) experiments/selection_study.py $(BENCH_DIR)/$$experiment; done
+
 clean:
-	rm -rf outputs $(STAMP)
+	rm -rf outputs $(STAMP) .whl .wheel-venv

@@ -1,12 +1,14 @@
-"""The `anomalib-lite` command: fit on normal images, fit thresholds on held-out normal images,
-test, and write metrics.json, heatmaps/, logs and a checkpoint into the run's output dir."""
+"""The `anomalib-lite` command: fit on normal images, validate on held-out normal images (thresholds,
+label-free selection metrics), test, and write metrics.json, heatmaps/, logs and a checkpoint
+into the run's output dir."""
 
 from __future__ import annotations
 
 import json
-import re
+import logging
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,75 +16,85 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from anomalib_lite.callbacks import AnomalyMetrics, EpochTimer
-from anomalib_lite.config import CONFIG_DIR, check_config
+from anomalib_lite.callbacks import ReportingCallback
+from anomalib_lite.config import CONFIG_DIR, backbone_override_error, check_config, method_name, uses_backbone
+from anomalib_lite.data import AnomalyDataModule
 from anomalib_lite.errors import UserInputError
+from anomalib_lite.models.components import AnomalyModule
+
+log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max")
 
 
-def _snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+def build_trainer(trainer_cfg: DictConfig, module: AnomalyModule, name: str, **components: Any) -> L.Trainer:
+    """The configured Trainer, with the settings the method needs applied over the config.
 
-
-def _dataset_name(datamodule: L.LightningDataModule) -> str:
-    return type(datamodule).__name__.removesuffix("DataModule").lower()
+    A setting the config gives explicitly and the method replaces is said in one log line.
+    """
+    settings: dict[str, Any] = OmegaConf.to_container(trainer_cfg, resolve=True)
+    for key, value in module.trainer_settings(settings).items():
+        if settings.get(key) is not None and settings[key] != value:
+            log.warning("%s needs trainer.%s=%s: the configured %s is not used", name, key, value, settings[key])
+        settings[key] = value
+    return instantiate(settings, **components)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One experiment; returns what it writes to metrics.json."""
     check_config(cfg)  # config mistakes first: nothing is read or written before they are ruled out
+    name = method_name(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
-    datamodule = instantiate(cfg.dataset)
+    datamodule: AnomalyDataModule = instantiate(cfg.dataset)
     datamodule.prepare_data()
     datamodule.setup("fit")  # reads and checks the data before any model is built
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    # _convert_="all": plain lists and dicts as hyperparameters, so checkpoints load with weights_only.
-    module = instantiate(cfg.method, backbone=OmegaConf.to_container(cfg.backbone, resolve=True), _convert_="all")
-    datamodule.shuffle_train = module.shuffle_train  # memory banks read the training set once, in order
+    # Not recursive: optimiser, scheduler and sampler specs reach the method as plain dicts (it
+    # builds them), so its hyperparameters, and the checkpoint, hold plain data only.
+    module: AnomalyModule = instantiate(cfg.method, _convert_="all", _recursive_=False)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    best_epoch_checkpoint = _best_epoch_checkpoint(module, output_dir)
-    if best_epoch_checkpoint is not None:
-        callbacks.append(best_epoch_checkpoint)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **module.trainer_arguments)
+    trainer = build_trainer(cfg.trainer, module, name, callbacks=callbacks, logger=loggers)
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
-    start = time.perf_counter()
     # Trained methods go on with their best epoch's weights (restored from its checkpoint).
-    best_path = best_epoch_checkpoint.best_model_path if best_epoch_checkpoint is not None else ""
+    best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    start = time.perf_counter()
     trainer.validate(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None)
     validate_seconds = time.perf_counter() - start
     checkpoint = output_dir / "checkpoints" / "model.ckpt"
-    trainer.save_checkpoint(checkpoint, weights_only=False)  # full: hyperparameters reload the method
+    trainer.save_checkpoint(checkpoint, weights_only=False)  # full: hyperparameters rebuild the method
     start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
     test_seconds = time.perf_counter() - start
 
-    metrics_callback = next((c for c in callbacks if isinstance(c, AnomalyMetrics)), None)
     results: dict[str, Any] = {key: None for key in METRIC_KEYS}
-    results.update(metrics_callback.results if metrics_callback else {})
-    for timer in (c for c in callbacks if isinstance(c, EpochTimer)):
-        results.update(timer.results)
+    for callback in trainer.callbacks:
+        if isinstance(callback, ReportingCallback):
+            results.update(callback.report())
+    results.update(module.validation_results)
     results.update(
         fit_seconds=round(fit_seconds, 2),
         validate_seconds=round(validate_seconds, 2),
         test_seconds=round(test_seconds, 2),
-        method=_snake_case(type(module).__name__),  # CsFlow -> cs_flow, as its config
-        backbone=cfg.backbone.name,
-        weights=str(cfg.backbone.weights),
-        dataset=_dataset_name(datamodule),
-        category=getattr(datamodule, "category", None) or Path(datamodule.name).name,
+        # The test phase split: the loop's inference, then the metrics, and what heatmaps held it up.
+        test_inference_seconds=round(test_seconds - results.get("metrics_seconds", 0) - results.get("heatmap_seconds", 0), 2),
+        method=name,
+        backbone=cfg.method.backbone.name if uses_backbone(cfg) else None,
+        weights=str(cfg.method.backbone.weights) if uses_backbone(cfg) else None,
+        dataset=datamodule.dataset_name,
+        category=datamodule.category,
+        image_size=list(datamodule.resize.output_size),
+        seed=cfg.seed,
         epochs=trainer.max_epochs,
         best_epoch=_checkpoint_epoch(best_path),
-        num_shots=getattr(datamodule, "num_shots", None),
+        num_shots=datamodule.num_shots,
         num_train_images=len(datamodule.train_samples),
         num_val_images=len(datamodule.val_samples),
         image_threshold=float(module.image_threshold),
@@ -93,19 +105,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        _report(results, output_dir, callbacks)
+        _report(results, output_dir)
     return results
-
-
-def _best_epoch_checkpoint(module: L.LightningModule, output_dir: Path) -> ModelCheckpoint | None:
-    """For trained methods: keep the epoch with the best validation signal (no test labels)."""
-    monitor = getattr(module, "checkpoint_monitor", None)
-    if monitor is None:
-        return None
-    return ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", filename="best_epoch", monitor=monitor, mode="min",
-        save_top_k=1, save_weights_only=True, enable_version_counter=False,
-    )
 
 
 def _checkpoint_epoch(path: str) -> int | None:
@@ -116,20 +117,20 @@ def _checkpoint_epoch(path: str) -> int | None:
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]) + 1
 
 
-def _report(results: dict[str, Any], output_dir: Path, callbacks: list) -> None:
+def _report(results: Mapping[str, Any], output_dir: Path) -> None:
     def fmt(value: Any) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
+    header = " | ".join(str(part) for part in (results["method"], results["backbone"]) if part)
     lines = [
-        f"{results['method']} | {results['backbone']} | {results['dataset']}/{results['category']}",
+        f"{header} | {results['dataset']}/{results['category']}",
         "  " + "  ".join(f"{key} {fmt(results[key])}" for key in METRIC_KEYS),
         f"  fit {results['fit_seconds']:.1f} s  test {results['test_seconds']:.1f} s"
         + (f"  (best epoch {results['best_epoch']} of {results['epochs']})" if results["best_epoch"] else ""),
         f"  metrics:  {output_dir / 'metrics.json'}",
     ]
-    heatmap_dirs = [str(c.output_dir) for c in callbacks if hasattr(c, "output_dir")]
-    if heatmap_dirs:
-        lines.append(f"  heatmaps: {heatmap_dirs[0]}")
+    if results.get("heatmaps"):
+        lines.append(f"  heatmaps: {results['heatmaps']}")
     print("\n".join(lines), flush=True)
 
 
@@ -142,19 +143,30 @@ def _user_input_error(error: BaseException) -> UserInputError | None:
     return None
 
 
+def _fail(message: str) -> None:
+    # DataLoader workers wrap exceptions with a traceback: keep the message's last line.
+    print(f"anomalib-lite: error: {message.strip().splitlines()[-1]}", file=sys.stderr, flush=True)
+    sys.exit(UserInputError.exit_code)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except Exception as error:
         user_error = _user_input_error(error)
         if user_error is None:
             raise
-        # DataLoader workers wrap exceptions with a traceback: keep the message's last line.
-        message = str(user_error).strip().splitlines()[-1]
-        print(f"anomalib-lite: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(UserInputError.exit_code)
+        _fail(str(user_error))
     return results.get(cfg.get("optimized_metric"))
+
+
+def main() -> None:
+    """The console entry point: one check Hydra cannot make with a clear message, then Hydra."""
+    message = backbone_override_error(sys.argv[1:])
+    if message is not None:
+        _fail(message)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from anomalib_lite.callbacks.metrics import compute_metrics
+from anomalib_lite.metrics import compute_metrics
 
 SCORES = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
@@ -39,19 +39,19 @@ def test_log_likelihoods(run: Path) -> tuple[list[torch.Tensor], torch.Tensor, t
     cfg = OmegaConf.load(run / "config.yaml")
     datamodule = hydra.utils.instantiate(cfg.dataset)
     datamodule.setup("test")
-    module = hydra.utils.instantiate(cfg.method, backbone=cfg.backbone)
-    state = torch.load(run / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state, strict=False)
+    module = hydra.utils.get_class(cfg.method._target_).load_from_checkpoint(
+        run / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False
+    )
     model = module.model.eval()
     per_level: list[list[torch.Tensor]] = [[] for _ in model.decoders]
     labels, masks = [], []
     for batch in datamodule.test_dataloader():
-        images = batch["image"]
+        images = batch.image
         for level, (features, conditions, (height, width)) in enumerate(model.fibers(images)):
             log_likelihood = model.log_likelihood_per_dim(level, features, conditions)
             per_level[level].append(log_likelihood.reshape(len(images), 1, height, width))
-        labels.append(batch["label"])
-        masks.append(batch["mask"].reshape(len(images), *images.shape[-2:]).bool())
+        labels.append(batch.label)
+        masks.append(batch.mask.bool())
         print(f"{len(labels)} test batches", flush=True)
     size = images.shape[-1]
     return [torch.cat(x) for x in per_level], torch.cat(labels), torch.cat(masks), model.likelihood_offset, size

@@ -17,10 +17,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max")
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap")
+VALIDATION = ("val_synthetic_image_auroc", "val_synthetic_pixel_auroc", "val_synthetic_aupro")
 COLUMNS = (
-    "method", "backbone", "dataset", "category", "num_shots", "num_train_images", *METRICS,
-    "epochs", "best_epoch", "seconds_per_epoch", "fit_seconds", "test_seconds", "run_dir",
+    "method", "backbone", "dataset", "category", "seed", "num_shots", "num_train_images", *METRICS, *VALIDATION,
+    "epochs", "best_epoch", "seconds_per_epoch", "fit_seconds", "validate_seconds", "test_seconds",
+    "test_inference_seconds", "metrics_seconds", "heatmap_seconds", "run_dir",
 )
 
 
@@ -39,7 +41,7 @@ def _fmt(value: float | None) -> str:
 
 def markdown_table(runs: list[dict], metric: str, rows: list[str] | None = None) -> str:
     """Rows: method (and backbone when several) or the `rows` fields; columns: categories, then the mean."""
-    several_backbones = len({r["backbone"] for r in runs}) > 1
+    several_backbones = len({r.get("backbone") for r in runs}) > 1
 
     def row_key(run: dict) -> str:
         if rows:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny synthetic dataset and config composition with small settings."""
+"""Shared fixtures: a tiny synthetic dataset, config composition with small settings, the real CLI."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from anomalib_lite.config import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
+CONF = Path(CONFIG_DIR)
 
 # Small enough for seconds-long fits on a 2-core CPU, large enough for meaningful metrics.
 TINY_COMMON = [
@@ -33,6 +35,21 @@ TINY_SYNTHETIC = [
 TINY_DATA = TINY_COMMON + TINY_SYNTHETIC
 
 
+def config_options(group: str) -> list[str]:
+    """Every option of a config group: the tests that take it grow with the yaml files."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config the command composes, with Hydra's runtime set up as the command has it."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # method names come from Hydra's choices
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -42,25 +59,21 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_cfg(cache_dir: Path, tmp_path: Path):
     """Compose the real config with tiny data; the run writes into tmp_path/run."""
 
-    def _make(*overrides: str, tiny: bool = True) -> DictConfig:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose(
-                config_name="config",
-                overrides=[
-                    *(TINY_DATA if tiny else []),
-                    f"paths.cache_dir={cache_dir}",
-                    f"paths.output_dir={tmp_path / 'run'}",
-                    *overrides,
-                ],
-            )
+    def _make(*overrides: str, tiny: bool = True, output_dir: Path | None = None) -> DictConfig:
+        return compose_config([
+            *(TINY_DATA if tiny else []),
+            f"paths.cache_dir={cache_dir}",
+            f"paths.output_dir={output_dir or tmp_path / 'run'}",
+            *overrides,
+        ])
 
     return _make
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, module: str = "anomalib_lite") -> subprocess.CompletedProcess:
     """The real `anomalib-lite` command (as `python -m anomalib_lite`), captured."""
     return subprocess.run(
-        [sys.executable, "-m", "anomalib_lite", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )

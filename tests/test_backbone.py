@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components import FeatureExtractor, create_backbone
-from anomalib_lite.models.components.feature_extractor import load_classifier_state_dict
+from anomalib_lite.models.components.feature_extractor import fold_batch_norms, load_classifier_state_dict
 
 # ImageNet-1k: 281 tabby, 282 tiger cat, 283 Persian, 284 Siamese, 285 Egyptian cat.
 CAT_CLASSES = {281, 282, 283, 284, 285}
@@ -82,3 +84,37 @@ def test_hub_without_network_fails_with_one_helpful_line(monkeypatch) -> None:
         create_backbone("resnet18", "hub")
     message = str(error.value)
     assert "\n" not in message and "backbone.weights=/path/to/weights.pth" in message and "efficientnet_lite0" in message
+
+
+def _with_batch_norm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Random running statistics and affine parameters, so folding them is not the identity."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            shape = module.running_mean.shape
+            module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
+            module.weight.data.copy_(1 + 0.3 * torch.randn(shape, generator=generator))
+            module.bias.data.copy_(0.1 * torch.randn(shape, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18", "wide_resnet50_2"])
+def test_folding_batch_norms_keeps_the_features(name: str) -> None:
+    """The extractor's folded, channels-last network computes the backbone's features."""
+    reference = _with_batch_norm_statistics(create_backbone(name, "none", features_only=True, out_indices=(1, 2, 3)))
+    folded = copy.deepcopy(reference)
+    assert fold_batch_norms(folded) > 10
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    folded = folded.to(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for expected, result in zip(reference(images), folded(images.contiguous(memory_format=torch.channels_last))):
+            torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_extractor_runs_the_folded_network() -> None:
+    extractor = FeatureExtractor("resnet18", [2, 3], weights="none")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())
+    features = extractor(torch.rand(1, 3, 64, 64))
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features.values())

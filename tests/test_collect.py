@@ -29,4 +29,4 @@ def test_few_shot_rows_and_means(tmp_path: Path, capsys) -> None:
     assert "| ss_flow num_shots=2 | 0.900 | 0.900 |" in table
     assert "| mean | 0.700 | 0.700 |" in table  # (0.5 + 0.7 + 0.7 + 0.9) / 4
     rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("method,backbone,dataset,category,num_shots") and len(rows) == 5
+    assert rows[0].startswith("method,backbone,dataset,category,seed,num_shots") and len(rows) == 5

@@ -1,4 +1,7 @@
-"""Every option of every config group composes, and its objects instantiate."""
+"""The config groups: every option composes, instantiates and says what the code expects of it.
+
+Options are read from the group folders, so a new yaml is checked without editing this file.
+"""
 
 from __future__ import annotations
 
@@ -6,64 +9,80 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from conftest import run_cli
-from hydra.utils import instantiate
+from conftest import CONF, REPO, config_options, run_cli
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from anomalib_lite.config import CONFIG_DIR, check_config
+from anomalib_lite.config import check_config, uses_backbone
 from anomalib_lite.data import AnomalyDataModule
+from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components import AnomalyModule
 
-CONF = Path(CONFIG_DIR)
-
-
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+GROUPS = ("method", "backbone", "dataset", "trainer", "logger", "callbacks", "experiment", "hparams_search")
 
 
 def test_every_group_has_options() -> None:
-    for group in ("method", "backbone", "dataset", "trainer", "logger", "callbacks", "experiment", "hparams_search"):
-        assert _options(group), group
-    assert {"patchcore", "padim"} <= set(_options("method"))
-    assert {"wide_resnet50_2", "resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(_options("backbone"))
-    assert {"synthetic", "mvtec", "folder"} <= set(_options("dataset"))
-    assert {"cpu", "gpu", "ddp", "ddp_cpu"} <= set(_options("trainer"))
-    assert {"csv", "tensorboard", "wandb"} <= set(_options("logger"))
+    for group in GROUPS:
+        assert config_options(group), group
+    assert {"patchcore", "padim"} <= set(config_options("method"))
+    assert {"wide_resnet50_2", "resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(config_options("backbone"))
+    assert {"synthetic", "mvtec", "folder"} <= set(config_options("dataset"))
+    assert {"cpu", "gpu", "ddp", "ddp_cpu"} <= set(config_options("trainer"))
+    assert {"csv", "tensorboard", "wandb"} <= set(config_options("logger"))
 
 
-@pytest.mark.parametrize("method", _options("method"))
-@pytest.mark.parametrize("backbone", _options("backbone"))
-def test_every_method_composes_with_every_backbone(method: str, backbone: str, make_cfg) -> None:
+@pytest.mark.parametrize("method", config_options("method"))
+def test_method_config_names_its_own_folder(method: str, make_cfg) -> None:
+    """One folder per method, named as its config: `_target_` is a LightningModule of that folder."""
+    cfg = make_cfg(f"method={method}")
+    folder = REPO / "anomalib_lite" / "models" / method
+    assert (folder / "torch_model.py").is_file() and (folder / "lightning_model.py").is_file()
+    assert cfg.method._target_.startswith(f"anomalib_lite.models.{method}.")
+    assert issubclass(get_class(cfg.method._target_), AnomalyModule)
+
+
+@pytest.mark.parametrize("method", config_options("method"))
+@pytest.mark.parametrize("backbone", config_options("backbone"))
+def test_every_backbone_method_composes_with_every_backbone(method: str, backbone: str, make_cfg) -> None:
+    cfg = make_cfg(f"method={method}")
+    if not uses_backbone(cfg):
+        pytest.skip(f"{method} trains its own network")
     cfg = make_cfg(f"method={method}", f"backbone={backbone}")
     check_config(cfg)
-    assert cfg.method._target_.startswith("anomalib_lite.models.")
-    assert set(cfg.method.levels) <= set(cfg.backbone.available_levels)
+    assert cfg.method.backbone.name == cfg.backbone.name  # the method's backbone is the chosen one
+    assert set(cfg.method.levels) <= set(cfg.method.backbone.available_levels)
 
 
-def test_methods_build_on_every_backbone_family(make_cfg) -> None:
-    for method in _options("method"):
-        cfg = make_cfg(f"method={method}", "backbone=resnet18", "backbone.weights=none")
-        module = instantiate(cfg.method, backbone=OmegaConf.to_container(cfg.backbone))
-        assert isinstance(module, AnomalyModule)
+@pytest.mark.parametrize("method", config_options("method"))
+def test_every_method_builds_as_the_run_builds_it(method: str, make_cfg) -> None:
+    overrides = [f"method={method}"]
+    if uses_backbone(make_cfg(*overrides)):
+        overrides += ["backbone=resnet18", "backbone.weights=none"]
+    module = instantiate(make_cfg(*overrides).method, _convert_="all", _recursive_=False)
+    assert isinstance(module, AnomalyModule)
+    # Hyperparameters are plain data: the checkpoint rebuilds the method from them.
+    assert all(isinstance(v, (str, int, float, bool, list, dict, type(None))) for v in module.hparams.values())
 
 
-@pytest.mark.parametrize("dataset", _options("dataset"))
+@pytest.mark.parametrize("dataset", config_options("dataset"))
 def test_every_dataset_instantiates(dataset: str, make_cfg, tmp_path: Path) -> None:
     extra = [f"dataset.normal_dir={tmp_path}", f"dataset.abnormal_dir={tmp_path}"] if dataset == "folder" else []
     cfg = make_cfg(f"dataset={dataset}", *extra, tiny=False)
     datamodule = instantiate(cfg.dataset)
     assert isinstance(datamodule, AnomalyDataModule)
+    assert datamodule.val_synthesis is not None  # every layout validates on synthetic anomalies by default
 
 
-@pytest.mark.parametrize("trainer", _options("trainer"))
+@pytest.mark.parametrize("trainer", config_options("trainer"))
 def test_every_trainer_composes(trainer: str, make_cfg) -> None:
     cfg = make_cfg(f"trainer={trainer}")
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.trainer.max_epochs is None, "epochs are the method's unless a user sets trainer.max_epochs"
     if cfg.trainer.accelerator == "cpu":
         assert isinstance(instantiate(cfg.trainer, logger=False), L.Trainer)
 
 
-@pytest.mark.parametrize("logger", _options("logger"))
+@pytest.mark.parametrize("logger", config_options("logger"))
 def test_every_logger_instantiates(logger: str, make_cfg, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -77,25 +96,36 @@ def test_every_logger_instantiates(logger: str, make_cfg, monkeypatch) -> None:
 def test_callbacks_instantiate(make_cfg) -> None:
     cfg = make_cfg("callbacks=default", tiny=False)
     names = {type(instantiate(c)).__name__ for c in cfg.callbacks.values()}
-    assert {"CoresetSampling", "AnomalyMetrics", "HeatmapExport", "TQDMProgressBar"} <= names
+    assert {"AnomalyMetrics", "HeatmapExport", "EpochTimer", "TQDMProgressBar"} <= names
 
 
-@pytest.mark.parametrize("experiment", _options("experiment"))
-def test_every_experiment_composes(experiment: str, make_cfg) -> None:
-    cfg = make_cfg(f"experiment={experiment}", tiny=False)
+@pytest.mark.parametrize("experiment", config_options("experiment"))
+@pytest.mark.parametrize("method", config_options("method"))
+def test_every_experiment_composes_with_every_method(experiment: str, method: str, make_cfg) -> None:
+    cfg = make_cfg(f"method={method}", f"experiment={experiment}", tiny=False)
     check_config(cfg)
-    assert cfg.dataset._target_.endswith("MVTecDataModule")
-    assert cfg.dataset.image_size == 256 and cfg.dataset.crop_size == 224
+    assert isinstance(instantiate(cfg.dataset), AnomalyDataModule)
 
 
-@pytest.mark.parametrize("search", _options("hparams_search"))
-def test_every_hparams_search_composes(search: str) -> None:
+@pytest.mark.parametrize("search", config_options("hparams_search"))
+def test_every_hparams_search_optimises_a_validation_metric(search: str) -> None:
+    """Hyperparameters are chosen on held-out normal images (with synthetic anomalies), never the test set;
+    every searched key exists in the method's config."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"hparams_search={search}"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-    assert cfg.hydra.sweeper.params and cfg.optimized_metric in ("pixel_aupro", "image_auroc", "pixel_auroc")
+    assert cfg.optimized_metric.startswith("val_synthetic_")
+    check_config(cfg)
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None, key
+
+
+def test_a_test_metric_cannot_be_optimised(make_cfg) -> None:
+    with pytest.raises(UserInputError, match="optimized_metric=pixel_aupro is a test-set metric"):
+        check_config(make_cfg("optimized_metric=pixel_aupro"))
+    check_config(make_cfg("optimized_metric=val_synthetic_image_auroc"))
 
 
 def test_cli_prints_the_composed_config(tmp_path: Path) -> None:
@@ -103,4 +133,4 @@ def test_cli_prints_the_composed_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     printed = OmegaConf.create(result.stdout)
     assert printed.method._target_ == "anomalib_lite.models.padim.Padim"
-    assert printed.backbone.name == "resnet18"
+    assert printed.backbone.name == "resnet18" and printed.method.backbone.name == "resnet18"

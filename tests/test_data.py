@@ -9,9 +9,11 @@ from PIL import Image
 
 from anomalib_lite.data import (
     DEFECT_TYPES,
+    Batch,
     CutBlendSynthesizer,
     FolderDataModule,
     MVTecDataModule,
+    ValidationSet,
     generate_category,
 )
 from anomalib_lite.errors import UserInputError
@@ -62,9 +64,11 @@ def test_mvtec_split_resize_crop_and_batches(synthetic_root) -> None:
     assert not {s.image_path for s in datamodule.val_samples} & {s.image_path for s in datamodule.train_samples}
     assert len(datamodule.test_samples) == 3 + 2 * len(DEFECT_TYPES)
     batch = next(iter(datamodule.test_dataloader()))
-    assert batch["image"].shape == (4, 3, 40, 40) and batch["mask"].shape == (4, 40, 40)
-    assert 0 <= batch["image"].min() and batch["image"].max() <= 1
-    assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}  # nearest-neighbour masks stay binary
+    assert isinstance(batch, Batch) and len(batch) == 4
+    assert batch.image.shape == (4, 3, 40, 40) and batch.mask.shape == (4, 40, 40)
+    assert 0 <= batch.image.min() and batch.image.max() <= 1
+    assert set(torch.unique(batch.mask).tolist()) <= {0.0, 1.0}  # nearest-neighbour masks stay binary
+    assert batch.index.tolist() == [0, 1, 2, 3] and batch.label.dtype == torch.long and len(batch.image_path) == 4
     other_seed = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.2, seed=1)
     other_seed.setup()
     assert {s.image_path for s in other_seed.val_samples} != {s.image_path for s in datamodule.val_samples}
@@ -86,7 +90,7 @@ def test_grayscale_rgba_and_jpeg_become_rgb(tmp_path, synthetic_root) -> None:
     assert "002.jpg" in names
     dataset = datamodule.train_dataloader().dataset
     for i in range(len(dataset)):
-        assert dataset[i]["image"].shape == (3, 32, 32)
+        assert dataset[i].image.shape == (3, 32, 32)
 
 
 def test_folder_datamodule(tmp_path, synthetic_root) -> None:
@@ -174,3 +178,39 @@ def test_cut_blend_pastes_a_crop_of_the_source_with_its_size_and_opacity() -> No
         CutBlendSynthesizer(opacity=(0.0, 1.0))
     with pytest.raises(ValueError, match="num_patches"):
         CutBlendSynthesizer(num_patches=(0, 2))
+
+
+def test_validation_set_pairs_each_normal_image_with_a_seeded_synthetic_anomaly(synthetic_root) -> None:
+    datamodule = MVTecDataModule(synthetic_root, "stripes", image_size=32, num_workers=0, val_ratio=0.3, batch_size=4)
+    datamodule.setup()
+    assert len(datamodule.val_samples) == 3
+    loader = datamodule.val_dataloader()
+    assert isinstance(loader.dataset, ValidationSet) and len(loader.dataset) == 6
+    batches = list(loader)
+    labels = torch.cat([b.label for b in batches])
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1]  # interleaved: every batch holds both kinds
+    assert torch.cat([b.index for b in batches]).tolist() == list(range(6))
+    images = torch.cat([b.image for b in batches])
+    masks = torch.cat([b.mask for b in batches])
+    for normal, anomalous, mask in zip(images[0::2], images[1::2], masks[1::2]):
+        changed = (anomalous != normal).any(dim=0)
+        assert mask.any() and torch.equal(changed, mask.bool())  # the mask is exactly the blended pixels
+    assert not masks[0::2].any()
+    # Seeded per image: the same synthetic set in every epoch and run, another one with another seed.
+    again = torch.cat([b.image for b in datamodule.val_dataloader()])
+    assert torch.equal(images, again)
+    other = MVTecDataModule(synthetic_root, "stripes", image_size=32, num_workers=0, val_ratio=0.3, batch_size=4, seed=0)
+    other.setup()
+    other.seed = 5  # same split, other synthesis seed
+    assert not torch.equal(torch.cat([b.image for b in other.val_dataloader()])[1::2], images[1::2])
+    plain = MVTecDataModule(synthetic_root, "stripes", image_size=32, num_workers=0, val_ratio=0.3, val_synthesis=None)
+    plain.setup()
+    assert [item.label for item in plain.val_dataloader().dataset] == [0, 0, 0]
+
+
+def test_validation_needs_a_held_out_image(synthetic_root) -> None:
+    with pytest.raises(UserInputError, match="val_ratio must be in"):
+        MVTecDataModule(synthetic_root, "disc", val_ratio=0)
+    tiny = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.01)
+    tiny.setup()
+    assert len(tiny.val_samples) == 1  # at least one, however small the ratio

@@ -81,6 +81,23 @@ def test_multirun_sweep_and_collect(tmp_path: Path, cache_dir: Path) -> None:
     assert len(csv_lines) == 5 and csv_lines[0].startswith("method,backbone,dataset,category")
 
 
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_a_two_job_sweep_through_a_launcher(launcher: str, tmp_path: Path, cache_dir: Path) -> None:
+    """The launchers the README promises: joblib (local processes) and submitit_local, which runs
+    the same submitit code path as hydra/launcher=submitit_slurm on this machine."""
+    sweep_dir = tmp_path / "sweep"
+    settings = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=10"]
+    result = run_cli(
+        "-m", f"hydra/launcher={launcher}", *settings, "method=patchcore,padim", "dataset.category=disc",
+        *cli_tiny_args(cache_dir), f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = sorted(sweep_dir.rglob("metrics.json"))
+    assert len(written) == 2 and written[0].parent != written[1].parent  # each job its own run dir
+    assert {json.loads(p.read_text())["method"] for p in written} == {"patchcore", "padim"}
+    assert all(json.loads(p.read_text())["image_auroc"] is not None for p in written)
+
+
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path: Path, cache_dir: Path) -> None:
     sweep_dir = tmp_path / "search"
     result = run_cli(

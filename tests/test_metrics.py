@@ -6,11 +6,19 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from anomalib_lite.callbacks.metrics import compute_metrics
 from anomalib_lite.errors import UserInputError
-from anomalib_lite.metrics import aupro, auroc, f1_at_threshold, f1_max, pro_curve
+from anomalib_lite.metrics import (
+    aupro,
+    auroc,
+    average_precision,
+    compute_metrics,
+    descending_order,
+    f1_at_threshold,
+    f1_max,
+    pro_curve,
+)
 
 
 def test_auroc_matches_sklearn_with_ties_and_large_scores() -> None:
@@ -29,6 +37,25 @@ def test_f1_max_matches_sklearn() -> None:
     precision, recall, _ = precision_recall_curve(labels, scores)
     expected = np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12))
     assert f1_max(scores, labels) == pytest.approx(expected, abs=1e-6)
+
+
+def test_average_precision_matches_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.random(2000) < 0.25
+    scores = np.round(rng.normal(0, 1, 2000) + labels, 1).astype(np.float32)
+    assert average_precision(scores, labels) == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
+
+
+def test_descending_order_of_float32_keys_handles_signs_zeros_and_ties() -> None:
+    scores = np.array([0.5, -0.0, 3.0, -2.5, 0.0, 0.5, -1e-30, np.inf, -np.inf, 1e-38, 0.5], dtype=np.float32)
+    order, sorted_scores = descending_order(scores)
+    expected = np.argsort(-scores.astype(np.float64), kind="stable")
+    assert np.array_equal(sorted_scores, scores[expected]) and np.array_equal(scores[order], sorted_scores)
+    assert order.tolist()[:4] == [7, 2, 0, 5]  # inf, 3.0, then the tied 0.5s in index order
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=100_000).astype(np.float32)
+    order, sorted_scores = descending_order(big)
+    assert np.array_equal(sorted_scores, np.sort(big)[::-1]) and np.array_equal(big[order], sorted_scores)
 
 
 def test_f1_at_threshold_by_hand() -> None:
@@ -116,6 +143,24 @@ def test_aupro_matches_brute_force(seed: int, limit: float) -> None:
     masks[3, 0:2, 0:12] = 1
     maps = np.round(rng.random(masks.shape) + 0.6 * masks, 2)  # rounding makes ties
     assert aupro(maps, masks, fpr_limit=limit) == pytest.approx(_brute_force_aupro(maps, masks, limit), abs=1e-9)
+
+
+@pytest.mark.parametrize("levels", [3, 20])
+def test_aupro_on_tie_heavy_maps_equals_the_mvtec_definition(levels: int) -> None:
+    """Maps with only a few distinct values (every threshold a big tie), float32, many regions."""
+    rng = np.random.default_rng(levels)
+    masks = np.zeros((30, 48, 48), dtype=np.uint8)
+    for index in range(15):
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(0, 40, 2)
+            masks[index, y : y + rng.integers(2, 9), x : x + rng.integers(2, 9)] = 1
+    maps = (np.floor((rng.random(masks.shape) + 0.5 * masks) * levels) / levels).astype(np.float32)
+    for limit in (0.05, 0.3, 1.0):
+        expected = _brute_force_aupro(maps, masks, limit)
+        assert aupro(maps, masks, fpr_limit=limit) == pytest.approx(expected, abs=1e-6)
+        whole = compute_metrics(torch.rand(30), torch.tensor([1] * 15 + [0] * 15), torch.from_numpy(maps), torch.from_numpy(masks), fpr_limit=limit)
+        assert whole["pixel_aupro"] == pytest.approx(expected, abs=1e-6)  # the full ranking agrees with the top part
+        assert whole["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9)
 
 
 def test_aupro_perfect_and_errors() -> None:

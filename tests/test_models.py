@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from anomalib_lite.callbacks import render_heatmap
-from anomalib_lite.models.padim import PadimModel
+from anomalib_lite.errors import UserInputError
+from anomalib_lite.models.components import GreedyCoresetSampler, nearest_neighbors
+from anomalib_lite.models.padim import Padim, PadimModel
 from anomalib_lite.models.patchcore import PatchcoreModel
 from anomalib_lite.models.patchcore.torch_model import distance_preserving_projection, pooling_projection
 
@@ -108,3 +110,43 @@ def test_heatmap_sheet_has_three_panels() -> None:
     assert (pixels[14 + 15, 50 + 15] == 255).all()  # ground-truth panel shows the mask
     no_mask = render_heatmap(image, None, heat, "good/000.png", "score 0.1")
     assert (np.asarray(no_mask)[14 + 5, 55] == 128).all()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_nearest_neighbors_match_brute_force_across_chunks(k: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(130, 16, generator=generator), torch.randn(70, 16, generator=generator)
+    bank[5] = queries[3]  # an exact match: distance 0
+    distances, indices = nearest_neighbors(queries, bank, k=k, chunk_size=32)
+    expected, expected_index = torch.cdist(queries, bank).topk(k, dim=1, largest=False)
+    torch.testing.assert_close(distances, expected, rtol=1e-4, atol=1e-3)
+    assert torch.equal(indices, expected_index) and indices[3, 0] == 5
+    with pytest.raises(ValueError, match="exceeds the memory bank size"):
+        nearest_neighbors(queries, bank[:2], k=3)
+
+
+def test_padim_embedding_selects_the_same_channels_as_the_full_concatenation() -> None:
+    model = PadimModel(BACKBONE, levels=[1, 2, 3], num_features=30, feature_seed=2).eval()
+    images = torch.rand(2, 3, 64, 64)
+    maps = list(model.feature_extractor(images).values())
+    full = torch.cat([maps[0]] + [F.interpolate(m, size=maps[0].shape[-2:], mode="nearest") for m in maps[1:]], dim=1)
+    assert torch.equal(model.embed(images), full.index_select(1, model.feature_index))
+
+
+def test_padim_warns_when_few_images_fit_many_dimensions(caplog) -> None:
+    module = Padim(backbone=BACKBONE, levels=[1, 2, 3], num_features=20)
+    module.fit_model(torch.rand(30, 20, 4, 4))  # 30 images < 2 x 20 dimensions
+    assert "PaDiM: 30 fitted images for 20-dimensional Gaussians" in caplog.text
+    caplog.clear()
+    module.fit_model(torch.rand(40, 20, 4, 4))
+    assert "PaDiM" not in caplog.text
+
+
+def test_patchcore_thins_its_bank_with_its_sampler() -> None:
+    model = PatchcoreModel(BACKBONE, levels=[2, 3], embedding_dim=64, coreset_sampler=GreedyCoresetSampler(ratio=0.25, progress=False))
+    embeddings = torch.rand(3, 8, 8, model.feature_dim)
+    model.fit(embeddings)
+    assert model.memory_bank.shape == (48, model.feature_dim)  # 25 % of 3 x 64 patches
+    assert GreedyCoresetSampler(ratio=1.0)(torch.rand(10, 4)).tolist() == list(range(10))
+    with pytest.raises(UserInputError, match="coreset ratio must be in"):
+        GreedyCoresetSampler(ratio=0)

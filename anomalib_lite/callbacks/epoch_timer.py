@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import lightning as L
 
+from anomalib_lite.callbacks.reporting import ReportingCallback
 
-class EpochTimer(L.Callback):
+
+class EpochTimer(ReportingCallback):
     """Seconds per training epoch: from the epoch's start to its validation (or its end).
 
     Lightning runs the epoch-end validation before `on_train_epoch_end`, so the epoch is closed
@@ -43,3 +46,6 @@ class EpochTimer(L.Callback):
             "seconds_per_epoch": round(statistics.median(self.epoch_seconds), 2),
             "epoch_seconds": [round(seconds, 2) for seconds in self.epoch_seconds],
         }
+
+    def report(self) -> dict[str, Any]:
+        return self.results

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from scipy import ndimage
+
+from anomalib_lite.callbacks.reporting import ReportingCallback
+from anomalib_lite.data.batch import Batch
+from anomalib_lite.models.components import AnomalyModule, AnomalyOutput
 
 HEADER_HEIGHT = 14
 
@@ -23,6 +31,12 @@ def _panel(array: np.ndarray, title: str) -> Image.Image:
     canvas.paste(image, (0, HEADER_HEIGHT))
     ImageDraw.Draw(canvas).text((2, 1), title, fill=(0, 0, 0))
     return canvas
+
+
+@functools.cache
+def _colormap_table(name: str) -> np.ndarray:
+    """The colormap's 256 RGB entries, 0-255 as float32 (what `colormaps[name](values)` looks up)."""
+    return (colormaps[name](np.arange(256))[:, :3] * 255).astype(np.float32)
 
 
 def render_heatmap(
@@ -41,7 +55,8 @@ def render_heatmap(
     """
     rgb = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     heat = normalized_map.cpu().numpy()
-    coloured = (colormaps[colormap](heat)[..., :3] * 255).astype(np.float32)
+    # matplotlib's own lookup (value x 256, clipped to the last of its 256 entries), done once per colormap.
+    coloured = _colormap_table(colormap)[np.minimum((heat * 256).astype(np.int64), 255)]
     overlay = ((1 - alpha) * rgb + alpha * coloured).round().astype(np.uint8)
     above = heat >= 0.5
     outline = above & ~ndimage.binary_erosion(above)
@@ -67,36 +82,74 @@ def _save_atomically(image: Image.Image, path: Path) -> None:
     os.replace(temporary, path)
 
 
-class HeatmapExport(Callback):
+class HeatmapExport(ReportingCallback):
     """Writes `<output_dir>/<defect_type>/<image stem>.png` for up to `max_per_type` test images
-    of every defect type (null: all), so each type is represented however large the test set."""
+    of every defect type (null: all), so each type is represented however large the test set.
 
-    def __init__(self, output_dir: str | Path, max_per_type: int | None = 30, colormap: str = "jet") -> None:
+    Rendering and PNG encoding run in `workers` background threads (numpy, scipy and Pillow
+    release the GIL for this work), so the test loop goes on with the next batch meanwhile; at the
+    end of test the loop waits for what is left. `heatmap_seconds` in metrics.json is the time the
+    loop spent on heatmaps (handing images over and that final wait).
+    """
+
+    max_pending = 64  # images handed over but not yet written: bounds the memory they hold
+
+    def __init__(
+        self, output_dir: str | Path, max_per_type: int | None = 30, colormap: str = "jet", workers: int = 1
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.max_per_type = max_per_type
         self.colormap = colormap
+        self.workers = workers
         self._written: dict[str, int] = {}
+        self._pending: deque[Future] = deque()
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop_seconds = 0.0
 
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._written = {}
+    def report(self) -> dict[str, Any]:
+        return {"heatmaps": str(self.output_dir), "heatmap_seconds": round(self._loop_seconds, 3)}
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
+        self._written, self._pending, self._loop_seconds = {}, deque(), 0.0
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="heatmaps")
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: AnomalyModule, outputs: AnomalyOutput, batch: Batch, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        start = time.perf_counter()
         # Under DDP every rank writes its share of the cap.
         cap = None if self.max_per_type is None else -(-self.max_per_type // trainer.world_size)
-        normalized = pl_module.normalize_anomaly_map(outputs["anomaly_map"].detach())
-        for i in range(len(batch["image"])):
-            defect_type = batch["defect_type"][i]
+        normalized = pl_module.normalize_anomaly_map(outputs.anomaly_map.detach()).cpu()
+        scores = outputs.pred_score.detach().float().cpu()
+        threshold = float(pl_module.image_threshold)
+        for i, defect_type in enumerate(batch.defect_type):
             if cap is not None and self._written.get(defect_type, 0) >= cap:
                 continue
-            folder = self.output_dir / defect_type
-            folder.mkdir(parents=True, exist_ok=True)
-            mask = batch["mask"][i] if bool(batch["has_mask"][i]) else None
-            score = float(outputs["pred_score"][i])
-            threshold = float(pl_module.image_threshold)
-            verdict = "ANOMALOUS" if score > threshold else "normal"
-            sheet = render_heatmap(
-                batch["image"][i], mask, normalized[i], f"{defect_type}/{Path(batch['image_path'][i]).name}",
-                f"score {score:.3g} (thr {threshold:.3g}) {verdict}", colormap=self.colormap,
-            )
-            _save_atomically(sheet, folder / f"{Path(batch['image_path'][i]).stem}.png")
             self._written[defect_type] = self._written.get(defect_type, 0) + 1
+            name = Path(batch.image_path[i]).name
+            verdict = "ANOMALOUS" if scores[i] > threshold else "normal"
+            job = (
+                batch.image[i].cpu(), batch.mask[i].cpu() if bool(batch.has_mask[i]) else None, normalized[i],
+                f"{defect_type}/{name}", f"score {float(scores[i]):.3g} (thr {threshold:.3g}) {verdict}",
+                self.output_dir / defect_type / f"{Path(name).stem}.png",
+            )
+            while len(self._pending) >= self.max_pending:
+                self._pending.popleft().result()
+            self._pending.append(self._executor.submit(self._render_and_save, *job))
+        self._loop_seconds += time.perf_counter() - start
+
+    def _render_and_save(self, image, mask, normalized, title, score_text, path: Path) -> None:  # noqa: ANN001
+        sheet = render_heatmap(image, mask, normalized, title, score_text, colormap=self.colormap)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomically(sheet, path)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
+        start = time.perf_counter()
+        try:
+            while self._pending:
+                self._pending.popleft().result()  # re-raises a worker's error here
+        finally:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._loop_seconds += time.perf_counter() - start

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from anomalib_lite.data.batch import collate_items
 from anomalib_lite.data.samples import AnomalyDataset, ImageResize, Sample, check_samples, list_images
+from anomalib_lite.data.validation import ValidationSet
 from anomalib_lite.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+# Synthetic anomalies of the validation view (CutBlendSynthesizer's arguments).
+DEFAULT_VAL_SYNTHESIS = {"num_patches": (1, 4), "patch_fraction": (0.05, 0.3), "opacity": (0.3, 1.0)}
 
 
 class AnomalyDataModule(L.LightningDataModule):
-    """Train on normal images, fit thresholds on a held-out normal slice, test on labelled images.
+    """Train on normal images, validate on a held-out normal slice, test on labelled images.
 
     The validation split is `val_ratio` of the normal training images, drawn with `seed`:
-    it holds only normal images, so nothing fitted on it ever sees a test label.
+    it holds only normal images, so nothing fitted on it ever sees a test label. Its loader also
+    yields each of them with a synthetic anomaly pasted in (`ValidationSet`; `val_synthesis=None`
+    turns that off), for label-free model selection.
     `num_shots=k` (few-shot) then keeps k of the remaining normal images for fitting, drawn with
-    the same seed; validation still uses the held-out slice (thresholds and the best-epoch choice
-    of trained methods), never the test set.
+    the same seed; validation still uses the held-out slice, never the test set.
+    Whether the training images are shuffled is the method's call (`AnomalyModule.train_shuffle`).
     Subclasses implement `scan()` returning (normal training samples, test samples).
     """
 
@@ -33,22 +43,24 @@ class AnomalyDataModule(L.LightningDataModule):
         num_workers: int = 2,
         val_ratio: float = 0.1,
         seed: int = 0,
-        shuffle_train: bool = False,
         num_shots: int | None = None,
+        val_synthesis: dict | None = DEFAULT_VAL_SYNTHESIS,
     ) -> None:
         super().__init__()
         self.resize = ImageResize(image_size, crop_size)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        if not 0 <= val_ratio < 1:
-            raise UserInputError(f"dataset.val_ratio must be in [0, 1), got {val_ratio}")
+        if not 0 < val_ratio < 1:
+            raise UserInputError(
+                f"dataset.val_ratio must be in (0, 1), got {val_ratio}: thresholds are fitted on held-out normal images"
+            )
         self.val_ratio = val_ratio
         if num_shots is not None and num_shots < 1:
             raise UserInputError(f"dataset.num_shots must be a positive number of images (or null), got {num_shots}")
         self.num_shots = num_shots
         self.seed = seed
-        self.shuffle_train = shuffle_train
+        self.val_synthesis = dict(val_synthesis) if val_synthesis is not None else None
         self.train_samples: list[Sample] | None = None
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
@@ -57,8 +69,13 @@ class AnomalyDataModule(L.LightningDataModule):
     def scan(self) -> tuple[list[Sample], list[Sample]]:
         raise NotImplementedError
 
+    # For metrics.json, collect.py and run names: the layout and the category (or folder) fitted.
+    dataset_name: str = "custom"
+    category: str = ""
+
     @property
     def name(self) -> str:
+        """How messages refer to the data (a path)."""
         return type(self).__name__
 
     # -- lightning hooks ------------------------------------------------------------------------
@@ -75,9 +92,12 @@ class AnomalyDataModule(L.LightningDataModule):
             raise UserInputError(f"the test set of {self.name} has no normal images: AUROC needs both kinds")
         check_samples(train + test)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        num_val = round(len(train) * self.val_ratio)
+        num_val = max(1, round(len(train) * self.val_ratio))
         if num_val >= len(train):
-            raise UserInputError(f"{self.name}: {len(train)} normal images are too few for val_ratio={self.val_ratio}")
+            raise UserInputError(
+                f"{self.name}: {len(train)} normal training images leave none to fit on after holding out "
+                f"{num_val} for validation (val_ratio={self.val_ratio}); at least 2 are needed"
+            )
         fit_order = order[num_val:]
         if self.num_shots is not None:
             if self.num_shots > len(fit_order):
@@ -89,28 +109,45 @@ class AnomalyDataModule(L.LightningDataModule):
         self.val_samples = [train[i] for i in sorted(order[:num_val])]
         self.train_samples = [train[i] for i in sorted(fit_order)]
         self.test_samples = test
+        log.info(
+            "%s: fitting on %d of %d normal training images, %d held out for thresholds and model selection; "
+            "%d test images",
+            self.name, len(self.train_samples), len(train), len(self.val_samples), len(test),
+        )
 
     @property
     def has_masks(self) -> bool:
+        """Every anomalous test image has a pixel ground truth."""
         return all(s.mask_path is not None for s in self.test_samples if s.label == 1)
 
-    def _loader(self, samples: list[Sample], batch_size: int, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int | None = None) -> DataLoader:
         return DataLoader(
-            AnomalyDataset(samples, self.resize),
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
+            num_workers=self.num_workers if num_workers is None else num_workers,
+            collate_fn=collate_items,
             persistent_workers=False,
         )
 
+    def _train_shuffle(self) -> bool:
+        from anomalib_lite.models.components.anomaly_module import (
+            AnomalyModule,  # the data layer imports no model
+        )
+
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return module.train_shuffle if isinstance(module, AnomalyModule) else True
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, self.batch_size, shuffle=self.shuffle_train)
+        return self._loader(AnomalyDataset(self.train_samples, self.resize), self.batch_size, self._train_shuffle())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_samples, self.eval_batch_size)
+        # In-process: the set is small and its decoded images are cached across epochs.
+        dataset = ValidationSet(self.val_samples, self.resize, self.val_synthesis, self.seed)
+        return self._loader(dataset, self.eval_batch_size, num_workers=0)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_samples, self.eval_batch_size)
+        return self._loader(AnomalyDataset(self.test_samples, self.resize), self.eval_batch_size)
 
 
 def _find_mask(mask_dir: Path, image: Path) -> Path:
@@ -123,6 +160,8 @@ def _find_mask(mask_dir: Path, image: Path) -> Path:
 
 class MVTecDataModule(AnomalyDataModule):
     """`<root>/<category>/{train/good, test/<type>, ground_truth/<type>/<stem>_mask.png}`."""
+
+    dataset_name = "mvtec"
 
     def __init__(self, root: str | Path, category: str, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -165,6 +204,8 @@ class FolderDataModule(AnomalyDataModule):
     `normal_dir`. Without `mask_dir` only image-level metrics are computed.
     """
 
+    dataset_name = "folder"
+
     def __init__(
         self,
         normal_dir: str | Path,
@@ -180,6 +221,7 @@ class FolderDataModule(AnomalyDataModule):
         self.mask_dir = Path(mask_dir).expanduser() if mask_dir else None
         self.normal_test_dir = Path(normal_test_dir).expanduser() if normal_test_dir else None
         self.test_ratio = test_ratio
+        self.category = self.abnormal_dir.parent.name
 
     @property
     def name(self) -> str:

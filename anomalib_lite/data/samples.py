@@ -11,6 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from anomalib_lite.data.batch import Item
 from anomalib_lite.errors import UserInputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -97,7 +98,7 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 class AnomalyDataset(Dataset):
-    """Images as float tensors in [0, 1] (RGB, C x H x W) with their masks (H x W, 0/1)."""
+    """Images as float tensors in [0, 1] (RGB, C x H x W) with their masks (H x W, 0/1), as `Item`s."""
 
     def __init__(self, samples: Sequence[Sample], resize: ImageResize) -> None:
         self.samples = list(samples)
@@ -106,22 +107,27 @@ class AnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
+    def load_image(self, index: int) -> torch.Tensor:
         # Grayscale, palette and RGBA inputs all become RGB.
-        image = self.resize(_open(sample.image_path, "RGB"), Image.Resampling.BILINEAR)
-        image_tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-        if sample.mask_path is not None:
-            mask = self.resize(_open(sample.mask_path, "L"), Image.Resampling.NEAREST)
-            mask_tensor = torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
-        else:
-            mask_tensor = torch.zeros(image_tensor.shape[1:])
-        return {
-            "image": image_tensor,
-            "mask": mask_tensor,
-            "label": sample.label,
-            "index": index,
-            "defect_type": sample.defect_type,
-            "image_path": str(sample.image_path),
-            "has_mask": sample.mask_path is not None or sample.label == 0,
-        }
+        image = self.resize(_open(self.samples[index].image_path, "RGB"), Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+    def load_mask(self, index: int, size: tuple[int, int]) -> torch.Tensor:
+        mask_path = self.samples[index].mask_path
+        if mask_path is None:
+            return torch.zeros(size)
+        mask = self.resize(_open(mask_path, "L"), Image.Resampling.NEAREST)
+        return torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
+
+    def __getitem__(self, index: int) -> Item:
+        sample = self.samples[index]
+        image = self.load_image(index)
+        return Item(
+            image=image,
+            mask=self.load_mask(index, image.shape[1:]),
+            label=sample.label,
+            index=index,
+            defect_type=sample.defect_type,
+            image_path=str(sample.image_path),
+            has_mask=sample.mask_path is not None or sample.label == 0,
+        )

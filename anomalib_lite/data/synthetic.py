@@ -180,6 +180,8 @@ def generate_category(
 class SyntheticDataModule(MVTecDataModule):
     """The default dataset: generated on first use, then read like any MVTec category."""
 
+    dataset_name = "synthetic"
+
     def __init__(
         self,
         root: str | Path,

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor
+from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, TrainableModel
 from anomalib_lite.models.components.flows import gaussian_log_likelihood, positional_encoding_2d, vector_flow
 
 
-class CflowModel(nn.Module):
+class CflowModel(TrainableModel):
     """One conditional flow per level on the feature vectors of single positions ("fibers").
 
     Each position's C-dim feature is decoded by that level's flow conditioned on the 2D sinusoidal

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from anomalib_lite.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 
 def random_projection(features: torch.Tensor, projection_dim: int, seed: int = 0) -> torch.Tensor:
@@ -119,3 +127,36 @@ def coverage_radius(
         chunk = features[start : start + chunk_size].float()
         radius = max(radius, float(torch.cdist(chunk, centers.float()).min(dim=1).values.max()))
     return radius
+
+
+class GreedyCoresetSampler:
+    """Keeps `ratio` of a memory bank's rows by greedy k-center selection (`greedy_coreset`).
+
+    A sampler object is handed to the method that owns the bank (PatchCore), as in the PatchCore
+    authors' code: `sampler(features)` returns the indices of the rows to keep. `ratio=1` keeps
+    every row (no selection). Under DDP every rank holds the same gathered bank: rank 0 selects
+    and broadcasts the indices, so every rank keeps the rows a single process would.
+    """
+
+    def __init__(self, ratio: float = 0.1, projection_dim: int = 128, seed: int = 0, progress: bool = True) -> None:
+        if not 0 < ratio <= 1:
+            raise UserInputError(f"the coreset ratio must be in (0, 1], got {ratio}")
+        self.ratio = ratio
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.progress = progress
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        if self.ratio >= 1:
+            return torch.arange(features.shape[0], device=features.device)
+        k = max(1, round(features.shape[0] * self.ratio))
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed and dist.get_rank() != 0:
+            indices = torch.empty(k, dtype=torch.long, device=features.device)
+        else:
+            start = time.perf_counter()
+            indices = greedy_coreset(features, k, projection_dim=self.projection_dim, seed=self.seed, progress=self.progress)
+            log.info("coreset: kept %d of %d patches in %.1f s", k, features.shape[0], time.perf_counter() - start)
+        if distributed:
+            dist.broadcast(indices, src=0)
+        return indices

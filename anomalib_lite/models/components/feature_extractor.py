@@ -15,7 +15,9 @@ Weights (`weights=`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
+import logging
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,8 +27,11 @@ from urllib.parse import urlparse
 import timm
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from anomalib_lite.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 # timm model name -> (package, class) shipping the offline ImageNet weights for it.
 OFFLINE_WEIGHT_PACKAGES = {
@@ -161,11 +166,41 @@ def check_levels(name: str, levels: Sequence[int], available_levels: Sequence[in
         )
 
 
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm into the convolution registered just before it, in place.
+
+    A frozen BatchNorm is an affine map per channel, so conv -> BN equals one convolution with
+    rescaled weights and a bias (torch's `fuse_conv_bn_eval`); the BN module is replaced by what
+    it applied after the normalisation (timm's BatchNormAct2d: its dropout and activation). This
+    saves one pass over every feature map: about 30 % of an EfficientNet-Lite0 forward on CPU.
+    Pairs are found by registration order, which is the call order in timm's ResNet and
+    EfficientNet families; `FeatureExtractor` checks the folded network against the original
+    and keeps the original if they differ. Returns the number of folded pairs.
+    """
+    folded = 0
+    names = list(module._modules)
+    for name, next_name in zip(names, names[1:]):
+        conv, norm = module._modules[name], module._modules[next_name]
+        if (
+            isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats
+            and conv.out_channels == norm.num_features and not norm.training
+        ):
+            fused = fuse_conv_bn_eval(conv, norm)
+            conv.weight, conv.bias = fused.weight, fused.bias  # keeps the conv's own class (e.g. timm's Conv2dSame)
+            after = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
+            module._modules[next_name] = nn.Sequential(*after) if after else nn.Identity()
+            folded += 1
+    return folded + sum(fold_batch_norms(child) for child in module.children())
+
+
 class FeatureExtractor(nn.Module):
     """Frozen timm backbone returning {level: feature map} for the requested levels.
 
     Inputs are images in [0, 1]; the backbone's own normalisation is applied here, so datasets
-    and visualisation never deal with it.
+    and visualisation never deal with it. For speed the frozen network runs in channels-last
+    memory layout with its BatchNorms folded into the convolutions (`fold_batch_norms`): the same
+    features to float rounding (checked when the extractor is built), 2-3x faster on CPU.
+    Feature maps come out channels-last; every torch op accepts them as they are.
     """
 
     def __init__(
@@ -195,6 +230,21 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+        self._fold_batch_norms()
+        self.backbone.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def _fold_batch_norms(self) -> None:
+        folded = copy.deepcopy(self.backbone)
+        if fold_batch_norms(folded) == 0:
+            return
+        probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        for reference, result in zip(self.backbone(probe), folded(probe)):
+            if not torch.allclose(reference, result, rtol=1e-3, atol=1e-4 * float(reference.abs().max())):
+                log.warning("%s: folding BatchNorm into convolutions changed the features; running it unfolded",
+                            type(self.backbone).__name__)
+                return
+        self.backbone = folded.requires_grad_(False)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         # Frozen: batch-norm statistics must never move, whatever the trainer asks.
@@ -202,5 +252,5 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        features = self.backbone((images - self.mean) / self.std)
-        return dict(zip(self.levels, features))
+        normalized = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return dict(zip(self.levels, self.backbone(normalized)))

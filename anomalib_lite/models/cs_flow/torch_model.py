@@ -9,9 +9,8 @@ import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor
+from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, TrainableModel
 from anomalib_lite.models.components.flows import gaussian_log_likelihood
 from anomalib_lite.models.cs_flow.cross_scale import CrossScaleCoupling
 
@@ -41,7 +40,7 @@ def cross_scale_flow(
     return Ff.GraphINN(nodes)
 
 
-class CsFlowModel(nn.Module):
+class CsFlowModel(TrainableModel):
     """One flow over the same backbone level seen at three input scales (image, 1/2, 1/4).
 
     Training maximises the likelihood of all three maps together (per-dimension NLL). The paper

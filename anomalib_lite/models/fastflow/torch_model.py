@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor
+from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, TrainableModel
 from anomalib_lite.models.components.flows import conv_flow, conv_subnet, gaussian_log_likelihood
 
 
-class FastflowModel(nn.Module):
+class FastflowModel(TrainableModel):
     """A 2D flow per backbone level on layer-normalised feature maps.
 
     Each flow has `flow_steps` FrEIA coupling blocks whose subnets alternate 3x3 and 1x1

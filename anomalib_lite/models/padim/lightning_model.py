@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+
+import torch
 
 from anomalib_lite.models.components import MemoryBankModule
 from anomalib_lite.models.padim.torch_model import PadimModel
 
+log = logging.getLogger(__name__)
+
 
 class Padim(MemoryBankModule):
-    """`model_args` are PadimModel's (levels, num_features, feature_seed, covariance_eps, blur_sigma)."""
+    """The arguments are PadimModel's (levels, num_features, feature_seed, covariance_eps, blur_sigma)."""
 
-    def __init__(self, backbone: dict, **model_args: Any) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = PadimModel(backbone=dict(backbone), **model_args)
+    model_class = PadimModel
+    model: PadimModel
+
+    def fit_model(self, embeddings: torch.Tensor) -> None:
+        num_images, dim = embeddings.shape[:2]
+        if num_images < 2 * dim:
+            log.warning(
+                "PaDiM: %d fitted images for %d-dimensional Gaussians: fewer than 2 x d, so the covariances "
+                "are close to singular (fit more images or lower method.num_features)", num_images, dim,
+            )
+        super().fit_model(embeddings)

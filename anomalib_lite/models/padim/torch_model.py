@@ -6,22 +6,25 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from anomalib_lite.models.components import (
     AnomalyOutput,
     FeatureExtractor,
+    MemoryBankModel,
     ResizableBuffersMixin,
     smooth_anomaly_map,
 )
 
 
-class PadimModel(ResizableBuffersMixin, nn.Module):
+class PadimModel(ResizableBuffersMixin, MemoryBankModel):
     """A multivariate Gaussian per feature-map position; Mahalanobis distance as anomaly score.
 
     Levels are concatenated at the first level's resolution (nearest upsampling), a seeded random
     subset of `num_features` channels is kept, and each position gets a mean and a covariance
     regularised by `covariance_eps` * I. The inverse covariances are stored, as inference needs.
+    `num_features` = d, the paper's 100 (of ResNet-18's 448 channels; 550 of WRN-50-2's 1792).
+    A covariance of d dimensions is estimated from as many samples as there are fitted images,
+    so with fewer than about 2d images it is close to singular and `covariance_eps` dominates.
     """
 
     resizable_buffers = ("mean", "inv_covariance")
@@ -30,7 +33,7 @@ class PadimModel(ResizableBuffersMixin, nn.Module):
         self,
         backbone: dict,
         levels: Sequence[int] = (1, 2, 3),
-        num_features: int | None = 200,
+        num_features: int | None = 100,
         feature_seed: int = 0,
         covariance_eps: float = 0.01,
         blur_sigma: float = 4.0,
@@ -49,11 +52,24 @@ class PadimModel(ResizableBuffersMixin, nn.Module):
         self.register_buffer("inv_covariance", torch.empty(0))  # (h*w) x d x d
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """B x 3 x H x W -> B x d x h x w (h, w of the first level)."""
+        """B x 3 x H x W -> B x d x h x w (h, w of the first level).
+
+        The same as selecting `feature_index` from the concatenation of all levels upsampled to
+        the first level; each level's share of the channels is selected first, at its own (smaller)
+        resolution, so only the kept channels are upsampled and copied.
+        """
         maps = list(self.feature_extractor(images).values())
         size = maps[0].shape[-2:]
-        maps = [maps[0]] + [F.interpolate(m, size=size, mode="nearest") for m in maps[1:]]
-        return torch.cat(maps, dim=1).index_select(1, self.feature_index)
+        selected, offset = [], 0
+        for level_map in maps:
+            channels = level_map.shape[1]
+            index = self.feature_index[(self.feature_index >= offset) & (self.feature_index < offset + channels)] - offset
+            level_map = level_map.index_select(1, index)
+            if level_map.shape[-2:] != size:
+                level_map = F.interpolate(level_map, size=size, mode="nearest")
+            selected.append(level_map)
+            offset += channels
+        return torch.cat(selected, dim=1).contiguous()
 
     @torch.no_grad()
     def fit(self, embeddings: torch.Tensor) -> None:
@@ -68,7 +84,7 @@ class PadimModel(ResizableBuffersMixin, nn.Module):
         for start in range(0, flat.shape[2], self.fit_chunk_size):
             # P x N x d, centred: the covariance is a batched matrix product over positions.
             centred = (flat[:, :, start : start + self.fit_chunk_size] - mean[:, start : start + self.fit_chunk_size])
-            centred = centred.permute(2, 0, 1).double()
+            centred = centred.permute(2, 0, 1).double().contiguous()  # bmm on permuted strides is ~8x slower
             covariance = centred.transpose(1, 2) @ centred / (num - 1) + self.covariance_eps * identity
             inverses.append(torch.linalg.inv(covariance).float())
         self.mean = mean.contiguous()
@@ -77,7 +93,7 @@ class PadimModel(ResizableBuffersMixin, nn.Module):
     def mahalanobis(self, embedding: torch.Tensor) -> torch.Tensor:
         """B x d x h x w embeddings -> B x h x w Mahalanobis distances to each position's Gaussian."""
         batch, dim, h, w = embedding.shape
-        delta = (embedding.reshape(batch, dim, -1) - self.mean).permute(2, 0, 1)  # P x B x d
+        delta = (embedding.reshape(batch, dim, -1) - self.mean).permute(2, 0, 1).contiguous()  # P x B x d (bmm: contiguous)
         squared = ((delta @ self.inv_covariance) * delta).sum(dim=2)  # P x B
         return squared.clamp_min(0).sqrt().T.reshape(batch, h, w)
 

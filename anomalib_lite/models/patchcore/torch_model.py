@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from anomalib_lite.models.components import (
     AnomalyOutput,
     FeatureExtractor,
+    MemoryBankModel,
     ResizableBuffersMixin,
     nearest_neighbors,
     smooth_anomaly_map,
@@ -52,13 +52,20 @@ def distance_preserving_projection(projection: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(gram).float()
 
 
-class PatchcoreModel(ResizableBuffersMixin, nn.Module):
+class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
     """Locally aware patch features, a memory bank, nearest-neighbour patch scores.
 
     Patch features: each level is averaged over a `patch_size` x `patch_size` neighbourhood,
     deeper levels are bilinearly upsampled to the first level's resolution, and the concatenated
     vector is projected to `embedding_dim` by adaptive average pooling (`pooling_projection`,
     per level first when `pool_per_level`; applied in its distance-preserving form).
+    The memory bank is every training patch, thinned by `coreset_sampler` (indices of the rows to
+    keep; e.g. `GreedyCoresetSampler`), which is part of the method as in the authors' code.
+
+    Image score: `num_neighbors=1` (default) takes the largest patch score, as the authors' code
+    does; `num_neighbors=b > 1` applies the paper's reweighting (eq. 7) over the b nearest bank
+    entries of the most anomalous patch's neighbour (`reweighted_image_score`), which the
+    authors' code does not implement.
     """
 
     resizable_buffers = ("memory_bank",)
@@ -70,9 +77,10 @@ class PatchcoreModel(ResizableBuffersMixin, nn.Module):
         embedding_dim: int = 1024,
         pool_per_level: bool = True,
         patch_size: int = 3,
-        num_neighbors: int = 9,
+        num_neighbors: int = 1,
         blur_sigma: float = 4.0,
-        nn_chunk_size: int = 4096,
+        nn_chunk_size: int = 2048,
+        coreset_sampler: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.feature_extractor = FeatureExtractor(levels=levels, **backbone)
@@ -81,6 +89,7 @@ class PatchcoreModel(ResizableBuffersMixin, nn.Module):
         self.num_neighbors = num_neighbors
         self.blur_sigma = blur_sigma
         self.nn_chunk_size = nn_chunk_size
+        self.coreset_sampler = coreset_sampler
         projection = pooling_projection(self.feature_extractor.channels, embedding_dim, pool_per_level)
         self.register_buffer("projection", distance_preserving_projection(projection), persistent=False)
         self.feature_dim = self.projection.shape[1]
@@ -98,8 +107,11 @@ class PatchcoreModel(ResizableBuffersMixin, nn.Module):
         return torch.cat(maps, dim=1).permute(0, 2, 3, 1)
 
     def fit(self, embeddings: torch.Tensor) -> None:
-        """Memory bank = every training patch (the coreset callback subsamples it afterwards)."""
-        self.memory_bank = embeddings.reshape(-1, self.feature_dim).contiguous()
+        """Memory bank = every training patch, thinned by the coreset sampler (if any)."""
+        bank = embeddings.reshape(-1, self.feature_dim)
+        if self.coreset_sampler is not None:
+            bank = bank[self.coreset_sampler(bank).to(bank.device)]
+        self.memory_bank = bank.contiguous()
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.memory_bank.shape[0] == 0:

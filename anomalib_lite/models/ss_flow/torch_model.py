@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor
+from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, TrainableModel
 from anomalib_lite.models.components.flows import conv_flow, gaussian_log_likelihood, positional_encoding_2d
 from anomalib_lite.models.ss_flow.subnet import conv_attention_subnet
 
 
-class SsFlowModel(nn.Module):
+class SsFlowModel(TrainableModel):
     """Per level a 2D flow conditioned on a sinusoidal position code, on layer-normalised features.
 
     Couplings are FrEIA AllInOneBlocks; the position code is the block's condition (FrEIA

@@ -1,0 +1,41 @@
+"""What a method's plain torch model offers the framework: the three kinds of model, as ABCs.
+
+A method's `torch_model.py` subclasses one of them; its LightningModule (`anomaly_module.py`)
+then only calls these methods, so nothing is found by attribute name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from anomalib_lite.models.components.anomaly_map import AnomalyOutput
+
+
+class AnomalyModel(nn.Module, ABC):
+    """Every method in eval mode: B x 3 x H x W images in [0, 1] -> `AnomalyOutput` (score, map)."""
+
+    @abstractmethod
+    def forward(self, images: torch.Tensor) -> AnomalyOutput: ...
+
+
+class MemoryBankModel(AnomalyModel):
+    """Fitted in one pass, without gradients (PatchCore, PaDiM): embed every training image, then fit."""
+
+    @abstractmethod
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-image embeddings (first dimension B), gathered over the whole training set for `fit`."""
+
+    @abstractmethod
+    def fit(self, embeddings: torch.Tensor) -> None:
+        """Build the model (memory bank, Gaussians, ...) from every training image's embedding, in dataset order."""
+
+
+class TrainableModel(AnomalyModel):
+    """Fitted by gradient descent on normal images."""
+
+    @abstractmethod
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        """The training objective on a batch of normal images (also the validation loss), a scalar."""

@@ -1,0 +1,36 @@
+"""Learning-rate schedules the methods' configs refer to (those torch does not have as one class)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_fraction: float = 0.08,
+    start_ratio: float = 0.1,
+    final_ratio: float = 1e-3,
+) -> LambdaLR:
+    """Linear warm-up from `start_ratio` x lr, then cosine decay to `final_ratio` x lr, over `total_steps`.
+
+    The learning-rate schedule of the CFLOW-AD authors' code: warm-up over the first 2 of 25
+    meta-epochs (a fraction of 0.08) from lr / 10 to the value the cosine has reached there,
+    cosine to lr x 0.1^3 at the end. Here it runs per step over the whole run, however many
+    epochs that is.
+    """
+    total_steps = max(1, total_steps)
+    warmup_steps = warmup_fraction * total_steps
+
+    def cosine(step: float) -> float:
+        return final_ratio + (1 - final_ratio) * (1 + math.cos(math.pi * min(step / total_steps, 1.0))) / 2
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return start_ratio + (cosine(warmup_steps) - start_ratio) * step / warmup_steps
+        return cosine(step)
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,3 @@
+from anomalib_lite.train import main
+
+main()

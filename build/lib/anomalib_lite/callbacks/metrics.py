@@ -1,0 +1,81 @@
+"""Test-set metrics, computed once over the whole test set at the end of test."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from anomalib_lite.callbacks.reporting import ReportingCallback
+from anomalib_lite.data.batch import Batch
+from anomalib_lite.metrics import compute_metrics
+from anomalib_lite.models.components import AnomalyModule, AnomalyOutput
+from anomalib_lite.utils.distributed import gather_samples
+
+log = logging.getLogger(__name__)
+
+
+class AnomalyMetrics(ReportingCallback):
+    """Collects every test prediction, gathers them across ranks, computes and logs the metrics.
+
+    The results are logged to every logger and reported for metrics.json (with `metrics_seconds`,
+    the time the computation took); with `predictions_file`, every test image's score and
+    verdict is written there as CSV.
+    """
+
+    def __init__(self, fpr_limit: float = 0.3, predictions_file: str | Path | None = None) -> None:
+        self.fpr_limit = fpr_limit
+        self.predictions_file = Path(predictions_file) if predictions_file else None
+        self.results: dict[str, Any] = {}
+        self._rows: dict[str, list[torch.Tensor]] = {}
+
+    def report(self) -> dict[str, Any]:
+        return dict(self.results)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
+        self._rows = {key: [] for key in ("score", "map", "mask", "label", "has_mask", "index")}
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: AnomalyModule, outputs: AnomalyOutput, batch: Batch, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        rows = self._rows
+        rows["score"].append(outputs.pred_score.detach().float().cpu())
+        rows["map"].append(outputs.anomaly_map.detach().float().cpu())
+        rows["mask"].append(batch.mask.cpu().to(torch.uint8))
+        rows["label"].append(batch.label.cpu())
+        rows["has_mask"].append(batch.has_mask.cpu())
+        rows["index"].append(batch.index.cpu())
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
+        start = time.perf_counter()
+        index = torch.cat(self._rows.pop("index"))
+        gathered = gather_samples(pl_module, {k: torch.cat(v) for k, v in self._rows.items()}, index, keep_index=True)
+        self._rows = {}
+        with_masks = bool(gathered["has_mask"].all())
+        threshold = float(pl_module.image_threshold)
+        self.results = compute_metrics(
+            gathered["score"], gathered["label"],
+            gathered["map"] if with_masks else None, gathered["mask"] if with_masks else None,
+            fpr_limit=self.fpr_limit, image_threshold=threshold,
+        )
+        self.results["num_test_images"] = int(gathered["label"].numel())
+        if self.predictions_file is not None and trainer.is_global_zero:
+            # Paths by dataset index: rank 0 writes every rank's rows under DDP.
+            self._write_predictions(gathered, trainer.datamodule.test_samples, threshold)
+        pl_module.log_dict({k: float(v) for k, v in self.results.items() if v is not None}, sync_dist=False)
+        self.results["metrics_seconds"] = round(time.perf_counter() - start, 3)
+
+    def _write_predictions(self, gathered: dict[str, torch.Tensor], samples: list, threshold: float) -> None:
+        self.predictions_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.predictions_file.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image_path", "defect_type", "label", "score", "predicted_anomalous"])
+            for index, label, score in zip(gathered["index"].tolist(), gathered["label"].tolist(), gathered["score"].tolist()):
+                sample = samples[index]
+                writer.writerow([str(sample.image_path), sample.defect_type, int(label), f"{score:.6g}", int(score > threshold)])

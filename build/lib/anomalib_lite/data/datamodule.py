@@ -1,0 +1,247 @@
+"""LightningDataModules: MVTec AD layout, a custom folder layout, and the shared base."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from anomalib_lite.data.batch import collate_items
+from anomalib_lite.data.samples import AnomalyDataset, ImageResize, Sample, check_samples, list_images
+from anomalib_lite.data.validation import ValidationSet
+from anomalib_lite.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+# Synthetic anomalies of the validation view (CutBlendSynthesizer's arguments).
+DEFAULT_VAL_SYNTHESIS = {"num_patches": (1, 4), "patch_fraction": (0.05, 0.3), "opacity": (0.3, 1.0)}
+
+
+class AnomalyDataModule(L.LightningDataModule):
+    """Train on normal images, validate on a held-out normal slice, test on labelled images.
+
+    The validation split is `val_ratio` of the normal training images, drawn with `seed`:
+    it holds only normal images, so nothing fitted on it ever sees a test label. Its loader also
+    yields each of them with a synthetic anomaly pasted in (`ValidationSet`; `val_synthesis=None`
+    turns that off), for label-free model selection.
+    `num_shots=k` (few-shot) then keeps k of the remaining normal images for fitting, drawn with
+    the same seed; validation still uses the held-out slice, never the test set.
+    Whether the training images are shuffled is the method's call (`AnomalyModule.train_shuffle`).
+    Subclasses implement `scan()` returning (normal training samples, test samples).
+    """
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 256,
+        crop_size: int | Sequence[int] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        val_ratio: float = 0.1,
+        seed: int = 0,
+        num_shots: int | None = None,
+        val_synthesis: dict | None = DEFAULT_VAL_SYNTHESIS,
+    ) -> None:
+        super().__init__()
+        self.resize = ImageResize(image_size, crop_size)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        if not 0 < val_ratio < 1:
+            raise UserInputError(
+                f"dataset.val_ratio must be in (0, 1), got {val_ratio}: thresholds are fitted on held-out normal images"
+            )
+        self.val_ratio = val_ratio
+        if num_shots is not None and num_shots < 1:
+            raise UserInputError(f"dataset.num_shots must be a positive number of images (or null), got {num_shots}")
+        self.num_shots = num_shots
+        self.seed = seed
+        self.val_synthesis = dict(val_synthesis) if val_synthesis is not None else None
+        self.train_samples: list[Sample] | None = None
+        self.val_samples: list[Sample] = []
+        self.test_samples: list[Sample] = []
+
+    # -- to implement -------------------------------------------------------------------------
+    def scan(self) -> tuple[list[Sample], list[Sample]]:
+        raise NotImplementedError
+
+    # For metrics.json, collect.py and run names: the layout and the category (or folder) fitted.
+    dataset_name: str = "custom"
+    category: str = ""
+
+    @property
+    def name(self) -> str:
+        """How messages refer to the data (a path)."""
+        return type(self).__name__
+
+    # -- lightning hooks ------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_samples is not None:
+            return
+        train, test = self.scan()
+        if not any(s.label == 1 for s in test):
+            raise UserInputError(
+                f"the test set of {self.name} has no anomalous images: image and pixel metrics "
+                "need defective test images (with masks)"
+            )
+        if not any(s.label == 0 for s in test):
+            raise UserInputError(f"the test set of {self.name} has no normal images: AUROC needs both kinds")
+        check_samples(train + test)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        num_val = max(1, round(len(train) * self.val_ratio))
+        if num_val >= len(train):
+            raise UserInputError(
+                f"{self.name}: {len(train)} normal training images leave none to fit on after holding out "
+                f"{num_val} for validation (val_ratio={self.val_ratio}); at least 2 are needed"
+            )
+        fit_order = order[num_val:]
+        if self.num_shots is not None:
+            if self.num_shots > len(fit_order):
+                raise UserInputError(
+                    f"{self.name}: dataset.num_shots={self.num_shots} but only {len(fit_order)} normal images "
+                    f"are left for fitting after the validation split (val_ratio={self.val_ratio})"
+                )
+            fit_order = fit_order[: self.num_shots]
+        self.val_samples = [train[i] for i in sorted(order[:num_val])]
+        self.train_samples = [train[i] for i in sorted(fit_order)]
+        self.test_samples = test
+        log.info(
+            "%s: fitting on %d of %d normal training images, %d held out for thresholds and model selection; "
+            "%d test images",
+            self.name, len(self.train_samples), len(train), len(self.val_samples), len(test),
+        )
+
+    @property
+    def has_masks(self) -> bool:
+        """Every anomalous test image has a pixel ground truth."""
+        return all(s.mask_path is not None for s in self.test_samples if s.label == 1)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers if num_workers is None else num_workers,
+            collate_fn=collate_items,
+            persistent_workers=False,
+        )
+
+    def _train_shuffle(self) -> bool:
+        from anomalib_lite.models.components.anomaly_module import AnomalyModule  # the data layer imports no model
+
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return module.train_shuffle if isinstance(module, AnomalyModule) else True
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(AnomalyDataset(self.train_samples, self.resize), self.batch_size, self._train_shuffle())
+
+    def val_dataloader(self) -> DataLoader:
+        # In-process: the set is small and its decoded images are cached across epochs.
+        dataset = ValidationSet(self.val_samples, self.resize, self.val_synthesis, self.seed)
+        return self._loader(dataset, self.eval_batch_size, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(AnomalyDataset(self.test_samples, self.resize), self.eval_batch_size)
+
+
+def _find_mask(mask_dir: Path, image: Path) -> Path:
+    """`<stem>_mask.png` (MVTec naming), else `<stem>.png`; the expected path if neither exists."""
+    for candidate in (mask_dir / f"{image.stem}_mask.png", mask_dir / f"{image.stem}.png"):
+        if candidate.is_file():
+            return candidate
+    return mask_dir / f"{image.stem}_mask.png"
+
+
+class MVTecDataModule(AnomalyDataModule):
+    """`<root>/<category>/{train/good, test/<type>, ground_truth/<type>/<stem>_mask.png}`."""
+
+    dataset_name = "mvtec"
+
+    def __init__(self, root: str | Path, category: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser()
+        self.category = category
+
+    @property
+    def name(self) -> str:
+        return f"{self.root}/{self.category}"
+
+    def scan(self) -> tuple[list[Sample], list[Sample]]:
+        if not self.root.is_dir():
+            raise UserInputError(f"dataset root not found: {self.root} (set dataset.root=...)")
+        category_dir = self.root / self.category
+        if not category_dir.is_dir():
+            available = sorted(p.name for p in self.root.iterdir() if (p / "train").is_dir())
+            raise UserInputError(
+                f"category '{self.category}' not found in {self.root} (available: {', '.join(available) or 'none'})"
+            )
+        train_dir = category_dir / "train" / "good"
+        train = [Sample(p, 0, "good") for p in list_images(train_dir)]
+        if not train:
+            raise UserInputError(f"no training images in {train_dir}")
+        test = []
+        test_root = category_dir / "test"
+        for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()) if test_root.is_dir() else []:
+            for image in list_images(type_dir):
+                if type_dir.name == "good":
+                    test.append(Sample(image, 0, "good"))
+                else:
+                    mask = _find_mask(category_dir / "ground_truth" / type_dir.name, image)
+                    test.append(Sample(image, 1, type_dir.name, mask))
+        return train, test
+
+
+class FolderDataModule(AnomalyDataModule):
+    """A custom layout: a folder of normal images, a folder of anomalous ones, optional masks.
+
+    Normal test images come from `normal_test_dir`, or else a seeded `test_ratio` slice of
+    `normal_dir`. Without `mask_dir` only image-level metrics are computed.
+    """
+
+    dataset_name = "folder"
+
+    def __init__(
+        self,
+        normal_dir: str | Path,
+        abnormal_dir: str | Path,
+        mask_dir: str | Path | None = None,
+        normal_test_dir: str | Path | None = None,
+        test_ratio: float = 0.2,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.normal_dir = Path(normal_dir).expanduser()
+        self.abnormal_dir = Path(abnormal_dir).expanduser()
+        self.mask_dir = Path(mask_dir).expanduser() if mask_dir else None
+        self.normal_test_dir = Path(normal_test_dir).expanduser() if normal_test_dir else None
+        self.test_ratio = test_ratio
+        self.category = self.abnormal_dir.parent.name
+
+    @property
+    def name(self) -> str:
+        return str(self.abnormal_dir.parent)
+
+    def scan(self) -> tuple[list[Sample], list[Sample]]:
+        for directory in (self.normal_dir, self.abnormal_dir, self.mask_dir, self.normal_test_dir):
+            if directory is not None and not directory.is_dir():
+                raise UserInputError(f"dataset folder not found: {directory}")
+        normal = [Sample(p, 0, "good") for p in list_images(self.normal_dir)]
+        if not normal:
+            raise UserInputError(f"no normal images in {self.normal_dir}")
+        if self.normal_test_dir is not None:
+            normal_test = [Sample(p, 0, "good") for p in list_images(self.normal_test_dir)]
+        else:
+            order = torch.randperm(len(normal), generator=torch.Generator().manual_seed(self.seed + 1)).tolist()
+            num_test = max(1, round(len(normal) * self.test_ratio))
+            normal_test = [normal[i] for i in sorted(order[:num_test])]
+            normal = [normal[i] for i in sorted(order[num_test:])]
+        defect_type = self.abnormal_dir.name
+        abnormal = [
+            Sample(p, 1, defect_type, _find_mask(self.mask_dir, p) if self.mask_dir else None)
+            for p in list_images(self.abnormal_dir)
+        ]
+        return normal, normal_test + abnormal

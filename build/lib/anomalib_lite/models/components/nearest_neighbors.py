@@ -1,0 +1,46 @@
+"""Exact k-nearest-neighbour search against a memory bank in bounded memory."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def nearest_neighbors(
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_size: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distances and indices of the `k` nearest bank rows of every query row (N x k each).
+
+    Distances come from |q|^2 - 2 q.b + |b|^2: one matrix product per `chunk_size` x
+    `chunk_size` block (the `addmm` adds |b|^2 as it writes the block), a running minimum (or
+    top-k) over the bank blocks, and |q|^2 and the square root only for the k survivors. Peak
+    memory is O(chunk_size^2 + queries * k) whatever the bank size; the blocks stay in cache.
+    The time is that of the matrix products (torch.cdist would also take a square root of every
+    entry of the full distance matrix).
+    """
+    if k > bank.shape[0]:
+        raise ValueError(f"k={k} exceeds the memory bank size {bank.shape[0]}")
+    bank_norms = bank.pow(2).sum(dim=1)
+    all_distances, all_indices = [], []
+    for q_start in range(0, queries.shape[0], chunk_size):
+        query = queries[q_start : q_start + chunk_size]
+        best_d = best_i = None
+        for b_start in range(0, bank.shape[0], chunk_size):
+            block = torch.addmm(bank_norms[b_start : b_start + chunk_size], query, bank[b_start : b_start + chunk_size].T, alpha=-2)
+            if k == 1:
+                block_d, block_i = block.min(dim=1, keepdim=True)
+            else:
+                block_d, block_i = block.topk(min(k, block.shape[1]), dim=1, largest=False)
+            block_i += b_start
+            if best_d is None:
+                best_d, best_i = block_d, block_i
+            elif k == 1:
+                closer = block_d < best_d
+                best_d, best_i = torch.where(closer, block_d, best_d), torch.where(closer, block_i, best_i)
+            else:
+                merged_d, order = torch.cat([best_d, block_d], dim=1).topk(k, dim=1, largest=False)
+                best_d, best_i = merged_d, torch.cat([best_i, block_i], dim=1).gather(1, order)
+        query_norms = query.pow(2).sum(dim=1, keepdim=True)
+        all_distances.append((best_d + query_norms).clamp_min_(0).sqrt_())
+        all_indices.append(best_i)
+    return torch.cat(all_distances), torch.cat(all_indices)
