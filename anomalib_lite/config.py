@@ -60,6 +60,8 @@ def check_config(cfg: DictConfig) -> None:
             f"optimized_metric={metric} is a test-set metric: choosing settings on it fits them to the test labels "
             "(use val_synthetic_aupro, val_synthetic_image_auroc or val_synthetic_pixel_auroc)"
         )
+    if metric is not None and str(metric).startswith("val_synthetic_") and cfg.dataset.get("val_synthesis", {}) is None:
+        raise UserInputError(f"optimized_metric={metric} needs the synthetic validation view, but dataset.val_synthesis is null")
     if not uses_backbone(cfg):
         return
     backbone = cfg.method.backbone

@@ -30,3 +30,21 @@ def test_few_shot_rows_and_means(tmp_path: Path, capsys) -> None:
     assert "| mean | 0.700 | 0.700 |" in table  # (0.5 + 0.7 + 0.7 + 0.9) / 4
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert rows[0].startswith("method,backbone,dataset,category,seed,num_shots") and len(rows) == 5
+
+
+def test_selection_study_on_hand_made_trials(tmp_path: Path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("selection", REPO / "experiments" / "selection_study.py")
+    selection = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selection)
+    # Validation AUPRO ranks the trials 3 > 1 > 2 > 0; test AUPRO ranks them 1 > 3 > 2 > 0.
+    for trial, (val, test) in enumerate([(0.1, 0.50), (0.7, 0.90), (0.4, 0.60), (0.9, 0.80)]):
+        _run(tmp_path, f"trial{trial}", method="patchcore", val_synthetic_aupro=val, pixel_aupro=test,
+             val_synthetic_image_auroc=val, image_auroc=1 - test, val_synthetic_pixel_auroc=val, pixel_auroc=test)
+    assert selection.main([str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "selection.json").read_text())
+    aupro = result["pairs"]["val_synthetic_aupro ~ pixel_aupro"]
+    assert aupro["spearman"] == 0.8  # rank differences (0, 1, 0, -1): 1 - 6 * 2 / (4 * 15)
+    assert aupro["pixel_aupro of the trial val_synthetic_aupro picks"] == 0.80
+    assert aupro["best pixel_aupro"] == 0.90 and aupro["median pixel_aupro"] == 0.70
+    assert result["pairs"]["val_synthetic_image_auroc ~ image_auroc"]["spearman"] == -0.8
+    assert result["picked_run"].endswith("trial3")

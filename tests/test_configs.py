@@ -126,6 +126,8 @@ def test_a_test_metric_cannot_be_optimised(make_cfg) -> None:
     with pytest.raises(UserInputError, match="optimized_metric=pixel_aupro is a test-set metric"):
         check_config(make_cfg("optimized_metric=pixel_aupro"))
     check_config(make_cfg("optimized_metric=val_synthetic_image_auroc"))
+    with pytest.raises(UserInputError, match="dataset.val_synthesis is null"):
+        check_config(make_cfg("dataset.val_synthesis=null"))
 
 
 def test_cli_prints_the_composed_config(tmp_path: Path) -> None:

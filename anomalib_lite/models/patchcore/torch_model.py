@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,6 +16,8 @@ from anomalib_lite.models.components import (
     nearest_neighbors,
     smooth_anomaly_map,
 )
+
+log = logging.getLogger(__name__)
 
 
 def pooling_projection(channels: Sequence[int], embedding_dim: int, per_level: bool = True) -> torch.Tensor:
@@ -111,6 +114,8 @@ class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
         bank = embeddings.reshape(-1, self.feature_dim)
         if self.coreset_sampler is not None:
             bank = bank[self.coreset_sampler(bank).to(bank.device)]
+        else:
+            log.info("PatchCore without a coreset sampler: the memory bank keeps all %d patches", bank.shape[0])
         self.memory_bank = bank.contiguous()
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
