@@ -98,20 +98,24 @@ def build_model(method: str, normalization: str, n_features: int):
     return model
 
 
-def use_our_coreset_selection() -> None:
-    """PatchCore's memory bank chosen by our greedy k-center loop instead of anomalib's.
+def replace_coreset_selection(rule: str) -> None:
+    """PatchCore's memory bank chosen by another rule than anomalib's own selection loop.
 
-    anomalib's selection loop took 1087 s on bottle here and would take hours on magnetic_tile;
-    with this switch its fit finishes, so its *test* phase (its own nearest-neighbour search,
-    maps and metrics, on a bank of the same size) can be timed against ours.
+    anomalib's loop took 1087 s on bottle here and would take hours on magnetic_tile. "ours": our
+    greedy k-center loop (same algorithm, same bank size), so its fit finishes and its *test* phase
+    (its own nearest-neighbour search, maps and metrics) can be timed against ours. "random": the
+    same number of patches drawn at random (seeded) -- the test phase costs the same for any bank
+    of that size, so this times it in seconds instead of minutes; its scores mean nothing.
     """
     from anomalib.models.components.sampling.k_center_greedy import KCenterGreedy
 
     from anomalib_lite.models.components import greedy_coreset
 
     def select_coreset_idxs(self, selected_idxs=None) -> list[int]:  # noqa: ANN001 - anomalib's signature
-        k = int(self.embedding.shape[0] * self.sampling_ratio)
-        return greedy_coreset(self.embedding, k, projection_dim=128, seed=0, progress=True).tolist()
+        if rule == "random":
+            generator = torch.Generator().manual_seed(0)
+            return torch.randperm(self.embedding.shape[0], generator=generator)[: self.coreset_size].tolist()
+        return greedy_coreset(self.embedding, self.coreset_size, projection_dim=128, seed=0, progress=True).tolist()
 
     KCenterGreedy.select_coreset_idxs = select_coreset_idxs
 
@@ -171,9 +175,10 @@ def main() -> None:
         "and the default order groups each defect type into the same batches",
     )
     parser.add_argument(
-        "--our-coreset", action="store_true",
-        help="PatchCore: select the memory bank with our greedy loop (anomalib's takes hours on magnetic_tile); "
-        "the test phase stays anomalib's own",
+        "--coreset", choices=["anomalib", "ours", "random"], default="anomalib",
+        help="PatchCore's bank selection: anomalib's loop (hours on magnetic_tile), our greedy loop (same "
+        "algorithm and size), or random patches of the same number (for timing the test phase only); the "
+        "test phase stays anomalib's own",
     )
     parser.add_argument("--dump", action="store_true", help="also save the raw test outputs (runs the test twice)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "anomalib_lite" / "anomalib_png")
@@ -185,8 +190,8 @@ def main() -> None:
     from lightning.pytorch import seed_everything
 
     seed_everything(args.seed)
-    if args.our_coreset:
-        use_our_coreset_selection()
+    if args.coreset != "anomalib":
+        replace_coreset_selection(args.coreset)
     folder, category = DATASETS[args.dataset]
     root = png_copy(SHARED / folder, category, args.cache, args.presize)
     datamodule = MVTecAD(root=root, category=category, train_batch_size=32, eval_batch_size=32, num_workers=2)
@@ -195,7 +200,7 @@ def main() -> None:
     name += f"_presize{args.presize}" if args.presize else ""
     name += f"_shuffled{args.shuffle_test}" if args.shuffle_test is not None else ""
     name += "_retest" if args.checkpoint else ""  # beside the fitting run's folder, not over it
-    name += "_our_coreset" if args.our_coreset else ""
+    name += f"_{args.coreset}_coreset" if args.coreset != "anomalib" else ""
     if args.shuffle_test is not None:
         from lightning.pytorch.trainer.states import TrainerFn
 
@@ -233,7 +238,7 @@ def main() -> None:
         "presize": args.presize,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "shuffle_test": args.shuffle_test,
-        "our_coreset": args.our_coreset,
+        "coreset": args.coreset,
     }
     out.mkdir(parents=True, exist_ok=True)
     if dump:

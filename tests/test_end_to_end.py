@@ -88,13 +88,17 @@ def _test_images(out: Path, count: int) -> tuple[torch.Tensor, list[float]]:
     return torch.stack([dataset[i].image for i in range(len(rows))]), [float(r["score"]) for r in rows]
 
 
+def _reloaded(cfg, out: Path):  # noqa: ANN001, ANN202
+    """The method rebuilt from the run's checkpoint alone, in eval mode."""
+    module_class = get_class(cfg.method._target_)
+    return module_class.load_from_checkpoint(out / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False).eval()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_restores_the_same_scores(method: str, fitted) -> None:
     """The checkpoint alone rebuilds the fitted method: the same scores as the run's predictions."""
     cfg, results, out = fitted(method)
-    module = get_class(cfg.method._target_).load_from_checkpoint(
-        out / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False
-    ).eval()
+    module = _reloaded(cfg, out)
     assert float(module.image_threshold) == pytest.approx(results["image_threshold"])
     images, scores = _test_images(out, 4)
     with torch.no_grad():
@@ -108,9 +112,7 @@ def test_checkpoint_restores_the_same_scores(method: str, fitted) -> None:
 def test_an_image_scores_the_same_alone_and_in_a_batch(method: str, fitted) -> None:
     """No method may normalise by its batch (or the test set): an image's score is its own."""
     cfg, _, out = fitted(method)
-    module = get_class(cfg.method._target_).load_from_checkpoint(
-        out / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False
-    ).eval()
+    module = _reloaded(cfg, out)
     images, _ = _test_images(out, 4)
     with torch.no_grad():
         together = module(images)

@@ -107,11 +107,8 @@ class AnomalyModule(L.LightningModule):
             results = metrics.compute_metrics(
                 gathered["score"], gathered["label"], gathered["map"], gathered["mask"], with_f1=False
             )
-            self.validation_results = {
-                "val_synthetic_image_auroc": results["image_auroc"],
-                "val_synthetic_pixel_auroc": results["pixel_auroc"],
-                "val_synthetic_aupro": results["pixel_aupro"],
-            }
+            values = (results["image_auroc"], results["pixel_auroc"], results["pixel_aupro"])
+            self.validation_results = dict(zip(VALIDATION_METRICS, values))
             # Computed from the gathered set: every rank holds the same values.
             self.log_dict({k: float(v) for k, v in self.validation_results.items() if v is not None}, sync_dist=False)
 

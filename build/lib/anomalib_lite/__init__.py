@@ -1,3 +1,0 @@
-"""anomalib-lite: unsupervised image anomaly detection experiments (PatchCore, PaDiM, ...)."""
-
-__version__ = "0.1.0"

@@ -1,3 +1,0 @@
-from anomalib_lite.train import main
-
-main()

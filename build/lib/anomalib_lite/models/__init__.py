@@ -1,1 +1,0 @@
-"""One folder per method; shared pieces live in `components`."""
