@@ -47,9 +47,13 @@ def study(trials: list[dict], picked_by: str) -> dict:
         rows = [t for t in trials if t.get(validation) is not None and t.get(test) is not None]
         tests = [t[test] for t in rows]
         own_pick = max(rows, key=lambda t: t[validation])
-        rho, p_value = spearmanr([t[validation] for t in rows], tests)
+        validations = [t[validation] for t in rows]
+        if len(set(validations)) > 1 and len(set(tests)) > 1:
+            rho, p_value = (round(float(x), 4) for x in spearmanr(validations, tests))
+        else:  # a metric that is the same in every trial ranks nothing (e.g. image AUROC 1.0 throughout)
+            rho = p_value = "undefined (constant over the trials)"
         result["pairs"][f"{validation} ~ {test}"] = {
-            "spearman": round(float(rho), 4), "p_value": round(float(p_value), 4),
+            "spearman": rho, "p_value": p_value,
             f"{test} of the trial {validation} picks": own_pick[test],
             f"{test} of the trial {picked_by} picks": picked[test],
             f"best {test}": max(tests), f"median {test}": statistics.median(tests), f"worst {test}": min(tests),

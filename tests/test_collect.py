@@ -48,3 +48,17 @@ def test_selection_study_on_hand_made_trials(tmp_path: Path, capsys) -> None:
     assert aupro["best pixel_aupro"] == 0.90 and aupro["median pixel_aupro"] == 0.70
     assert result["pairs"]["val_synthetic_image_auroc ~ image_auroc"]["spearman"] == -0.8
     assert result["picked_run"].endswith("trial3")
+
+
+def test_selection_study_says_when_a_metric_is_constant(tmp_path: Path) -> None:
+    """A validation metric equal in every trial ranks nothing: no correlation is reported for it."""
+    spec = importlib.util.spec_from_file_location("selection", REPO / "experiments" / "selection_study.py")
+    selection = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selection)
+    for trial, (val, test) in enumerate([(0.1, 0.50), (0.7, 0.90), (0.4, 0.60)]):
+        _run(tmp_path, f"trial{trial}", method="patchcore", val_synthetic_aupro=val, pixel_aupro=test,
+             val_synthetic_image_auroc=1.0, image_auroc=0.99, val_synthetic_pixel_auroc=val, pixel_auroc=test)
+    assert selection.main([str(tmp_path)]) == 0
+    pairs = json.loads((tmp_path / "selection.json").read_text())["pairs"]
+    assert pairs["val_synthetic_image_auroc ~ image_auroc"]["spearman"].startswith("undefined")
+    assert pairs["val_synthetic_aupro ~ pixel_aupro"]["spearman"] == 1.0

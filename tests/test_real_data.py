@@ -28,7 +28,7 @@ BARS = {
 # Measured shortfalls, kept visible rather than loosened (experiments/RESULTS.md has the numbers).
 SHORT_OF_BAR = {
     ("lite0_mvtec", "patchcore"): "image AUROC 0.9992: one good image (good/001, a bright spot) outranks one contamination image",
-    ("lite0_mtd", "padim"): "AUPRO 0.727 < 0.736 (image 0.923 and pixel 0.780 beat the bar)",
+    ("lite0_mtd", "padim"): "d = 100, our seed-0 channel draw: 0.907 / 0.762 / 0.732 < 0.915 / 0.766 / 0.736 (anomalib's draw)",
 }
 
 
