@@ -12,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.feature_extractor import check_levels
+from anomalib_lite.run_dir import check_writable
+from anomalib_lite.schema import check_node
 
 # Found through the package, so an installed wheel has its configs too.
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -23,10 +25,18 @@ def _run_name(choices: Mapping[str, str], category: str) -> str:
     return "_".join(str(part) for part in parts if part)
 
 
+def project_dir() -> str:
+    """The source checkout the package runs from (its pyproject.toml beside the package), else the current directory."""
+    checkout = Path(__file__).resolve().parent.parent
+    return str(checkout) if (checkout / "pyproject.toml").is_file() else os.getcwd()
+
+
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("env_unset"):
         # wandb: offline unless an API key is set.
         OmegaConf.register_new_resolver("env_unset", lambda name: not os.environ.get(name))
+    if not OmegaConf.has_resolver("project_dir"):
+        OmegaConf.register_new_resolver("project_dir", project_dir)
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", _run_name)
 
@@ -53,7 +63,23 @@ def uses_backbone(cfg: DictConfig) -> bool:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Config-level errors, reported before data is read or a model is built."""
+    """Config-level errors, reported before data is read or a model is built.
+
+    Every `_target_` node is checked against its constructor's typed signature (`schema`).
+    """
+    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+        raise UserInputError(f"seed={cfg.get('seed')!r}: must be an integer")
+    if not isinstance(cfg.get("overwrite", False), bool):
+        raise UserInputError(f"overwrite={cfg.get('overwrite')!r}: must be true or false")
+    for group in ("method", "dataset", "trainer"):
+        if group in cfg and isinstance(cfg[group], DictConfig) and "_target_" in cfg[group]:
+            check_node(cfg[group], group)
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            if isinstance(node, DictConfig) and "_target_" in node:
+                check_node(node, f"{group}.{name}")
+    if str(cfg.dataset.get("_target_", "")).endswith("SyntheticDataModule"):
+        check_writable(Path(str(cfg.paths.cache_dir)), "paths.cache_dir")  # the generated data is cached there
     metric = cfg.get("optimized_metric")
     if metric is not None and not str(metric).startswith("val_"):
         raise UserInputError(

@@ -294,3 +294,9 @@ def compute_metrics(
             results["pixel_f1max"] = pixel.f1_max()
             results["pixel_ap"] = pixel.average_precision()
     return results
+
+
+def tidy(value: float | None) -> float | None:
+    """A metric as reported: within [0, 1] and rounded to 6 decimals (float32 sums can land a hair
+    above 1, e.g. 1.0000001192092896)."""
+    return None if value is None else round(min(max(float(value), 0.0), 1.0), 6)

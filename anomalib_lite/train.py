@@ -4,10 +4,13 @@ into the run's output dir."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,13 +19,18 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from anomalib_lite.callbacks import ReportingCallback
 from anomalib_lite.config import CONFIG_DIR, backbone_override_error, check_config, method_name, uses_backbone
 from anomalib_lite.data import AnomalyDataModule
-from anomalib_lite.errors import UserInputError
+from anomalib_lite.errors import UserInputError, find_user_error, one_line
+from anomalib_lite.metrics import tidy
 from anomalib_lite.models.components import AnomalyModule
+from anomalib_lite.models.components.anomaly_module import VALIDATION_METRICS
+from anomalib_lite.run_dir import STAGING, StagedRun, check_run_dir, remove_stale_staging
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,8 @@ def build_trainer(trainer_cfg: DictConfig, module: AnomalyModule, name: str, **c
     A setting the config gives explicitly and the method replaces is said in one log line.
     """
     settings: dict[str, Any] = OmegaConf.to_container(trainer_cfg, resolve=True)
+    if not any(isinstance(c, ProgressBar) for c in components.get("callbacks", [])):
+        settings["enable_progress_bar"] = False  # `~callbacks.progress` means none, not Lightning's default bar
     for key, value in module.trainer_settings(settings).items():
         if settings.get(key) is not None and settings[key] != value:
             log.warning("%s needs trainer.%s=%s: the configured %s is not used", name, key, value, settings[key])
@@ -43,8 +53,32 @@ def build_trainer(trainer_cfg: DictConfig, module: AnomalyModule, name: str, **c
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One experiment; returns what it writes to metrics.json."""
+    """One experiment; returns what it writes to metrics.json.
+
+    Its files are staged and moved into the run dir only when it succeeds (`run_dir.StagedRun`).
+    """
     check_config(cfg)  # config mistakes first: nothing is read or written before they are ruled out
+    run_dir = Path(cfg.paths.output_dir)
+    is_writer = rank_zero_only.rank == 0  # DDP: the other ranks' processes write into the same staging
+    if is_writer:
+        check_run_dir(run_dir, bool(cfg.get("overwrite", False)))
+    staged = copy.deepcopy(cfg)
+    with open_dict(staged):
+        staged.paths.output_dir = str(run_dir / STAGING)
+    with StagedRun(run_dir, is_writer) as stage:
+        try:
+            results = _run(staged, cfg, run_dir)
+        except BaseException:
+            if is_writer and stage.has_earlier_run:
+                log.error("%s is left as it was; this attempt's files are in %s", run_dir, stage.staging)
+            raise
+    if is_writer:
+        _report(results, run_dir)
+    return results
+
+
+def _run(cfg: DictConfig, original: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The run, writing into `cfg.paths.output_dir` (the staging folder); paths it reports are `run_dir`'s."""
     name = method_name(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
@@ -52,7 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")  # reads and checks the data before any model is built
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(original, resolve=True))
     # Not recursive: optimiser, scheduler and sampler specs reach the method as plain dicts (it
     # builds them), so its hyperparameters, and the checkpoint, hold plain data only.
     module: AnomalyModule = instantiate(cfg.method, _convert_="all", _recursive_=False)
@@ -68,6 +102,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.validate(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None)
     validate_seconds = time.perf_counter() - start
+    log.info(
+        "thresholds fitted on %d held-out normal images: image %.4g, pixel %.4g%s", len(datamodule.val_samples),
+        float(module.image_threshold), float(module.pixel_threshold),
+        "".join(f", {k} {v:.4f}" for k, v in module.validation_results.items() if v is not None),
+    )
     checkpoint = output_dir / "checkpoints" / "model.ckpt"
     trainer.save_checkpoint(checkpoint, weights_only=False)  # full: hyperparameters rebuild the method
     start = time.perf_counter()
@@ -100,12 +139,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         image_threshold=float(module.image_threshold),
         pixel_threshold=float(module.pixel_threshold),
         world_size=trainer.world_size,
-        checkpoint=str(checkpoint),
+        checkpoint=str(run_dir / checkpoint.relative_to(output_dir)),
     )
+    if results.get("heatmaps"):
+        results["heatmaps"] = str(run_dir / Path(results["heatmaps"]).relative_to(output_dir))
+    results["num_empty_defect_masks"] = len(datamodule.report.empty_masks)
+    for key in (*METRIC_KEYS, "image_ap", "pixel_ap", "image_f1_at_val_threshold", *VALIDATION_METRICS):
+        if key in results:
+            results[key] = tidy(results[key])
+    log.info("test on %d images: %s", len(datamodule.test_samples), ", ".join(
+        f"{key} {'n/a' if results.get(key) is None else f'{results[key]:.4f}'}" for key in METRIC_KEYS
+    ) + (f" ({results['pixel_metrics_note']})" if results.get("pixel_metrics_note") else ""))
+    trainer.strategy.barrier()  # every rank has written its share (heatmaps) before rank 0 moves the files
     if trainer.is_global_zero:
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        _report(results, output_dir)
     return results
 
 
@@ -129,23 +176,15 @@ def _report(results: Mapping[str, Any], output_dir: Path) -> None:
         + (f"  (best epoch {results['best_epoch']} of {results['epochs']})" if results["best_epoch"] else ""),
         f"  metrics:  {output_dir / 'metrics.json'}",
     ]
+    if results.get("pixel_metrics_note"):
+        lines.insert(2, f"  {results['pixel_metrics_note']}")
     if results.get("heatmaps"):
         lines.append(f"  heatmaps: {results['heatmaps']}")
     print("\n".join(lines), flush=True)
 
 
-def _user_input_error(error: BaseException) -> UserInputError | None:
-    """The UserInputError behind `error`, if any (Hydra's instantiate wraps exceptions)."""
-    while error is not None:
-        if isinstance(error, UserInputError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def _fail(message: str) -> None:
-    # DataLoader workers wrap exceptions with a traceback: keep the message's last line.
-    print(f"anomalib-lite: error: {message.strip().splitlines()[-1]}", file=sys.stderr, flush=True)
+    print(f"anomalib-lite: error: {one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(UserInputError.exit_code)
 
 
@@ -154,19 +193,65 @@ def hydra_main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except Exception as error:
-        user_error = _user_input_error(error)
+        user_error = find_user_error(error)
         if user_error is None:
             raise
         _fail(str(user_error))
     return results.get(cfg.get("optimized_metric"))
 
 
+def precheck(args: list[str]) -> str | None:
+    """The error line for a single run that cannot start, else None; checked before Hydra creates anything.
+
+    Composes the config as Hydra will: the settings (typed schema), the run dir (writable, not
+    holding a finished run unless overwrite=true). A leftover staging folder of a failed attempt
+    is cleared. Sweeps are checked per job, in `run`; composition errors are Hydra's to report.
+    """
+    if rank_zero_only.rank != 0 or any(arg.startswith("-") for arg in args):
+        return None  # a DDP worker process, a sweep (-m), or --cfg/--help/...
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=args, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        run_dir = Path(str(cfg.hydra.run.dir))
+    except Exception:  # noqa: BLE001 - Hydra reports composition problems itself
+        return None
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    try:
+        check_config(cfg)
+        check_run_dir(run_dir, bool(cfg.get("overwrite", False)))
+    except UserInputError as error:
+        return str(error)
+    remove_stale_staging(run_dir)
+    return None
+
+
 def main() -> None:
-    """The console entry point: one check Hydra cannot make with a clear message, then Hydra."""
-    message = backbone_override_error(sys.argv[1:])
+    """The console entry point: the checks that need no Hydra run (one line, exit 2), then Hydra."""
+    _quiet_third_party()
+    message = backbone_override_error(sys.argv[1:]) or precheck(sys.argv[1:])
     if message is not None:
         _fail(message)
     hydra_main()
+
+
+def _quiet_third_party() -> None:
+    """Warnings a user cannot act on stay out of the output (and the log)."""
+    for pattern in (
+        r".*configure_optimizers.* returned .None.*",  # memory-bank methods have nothing to optimise
+        r".*module\(s\) in eval mode.*",  # frozen backbones are in eval mode on purpose
+        r".*does not have many workers.*",  # num_workers is the user's setting, documented in the dataset yaml
+        r".*LeafSpec.*is deprecated.*",
+        r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|lightning|timm|hydra|omegaconf)\b.*")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # DDP worker processes and loaders
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from anomalib_lite.callbacks import HeatmapExport, render_heatmap
-from anomalib_lite.callbacks.heatmaps import _colormap_table
+from anomalib_lite.callbacks.heatmaps import _colormap_table, heatmap_name
 from anomalib_lite.data import Item, collate_items
 from anomalib_lite.models.components import AnomalyOutput
 
@@ -20,6 +20,8 @@ class _Fitted:
     """The part of an AnomalyModule the heatmap export uses: the fitted threshold and colour scale."""
 
     image_threshold = torch.tensor(0.5)
+    pixel_floor = torch.tensor(0.0)
+    pixel_threshold = torch.tensor(0.5)
 
     @staticmethod
     def normalize_anomaly_map(anomaly_map: torch.Tensor) -> torch.Tensor:
@@ -42,6 +44,11 @@ def _batch(count: int, start: int) -> tuple:
     return collate_items(items), output
 
 
+def test_heatmap_names_keep_the_extension() -> None:
+    assert heatmap_name("000.png") != heatmap_name("000.jpg")
+    assert heatmap_name("000.PNG") == "000_png.png"
+
+
 def test_heatmaps_written_in_the_background_are_the_synchronous_renders(tmp_path: Path) -> None:
     callback = HeatmapExport(tmp_path, max_per_type=3, workers=2)
     callback.on_test_epoch_start(_Trainer(), _Fitted())
@@ -50,13 +57,17 @@ def test_heatmaps_written_in_the_background_are_the_synchronous_renders(tmp_path
         callback.on_test_batch_end(_Trainer(), _Fitted(), output, batch, index)
     callback.on_test_epoch_end(_Trainer(), _Fitted())
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
-    assert written == ["good/000.png", "good/002.png", "good/010.png", "hole/001.png", "hole/003.png", "hole/011.png"]
+    assert written == [
+        "good/000_png.png", "good/002_png.png", "good/010_png.png", "hole/001_png.png", "hole/003_png.png", "hole/011_png.png"
+    ]
     batch, output = batches[0]
+    anomalous = bool(output.pred_score[1] > 0.5)
     expected = render_heatmap(
         batch.image[1], batch.mask[1], output.anomaly_map[1], "hole/001.png",
-        f"score {float(output.pred_score[1]):.3g} (thr 0.5) {'ANOMALOUS' if output.pred_score[1] > 0.5 else 'normal'}",
+        f"score {float(output.pred_score[1]):.3g}, threshold 0.5: {'ANOMALOUS' if anomalous else 'normal'}",
+        scale=(0.0, 0.5), anomalous=anomalous,
     )
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "hole" / "001.png")), np.asarray(expected))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "hole" / "001_png.png")), np.asarray(expected))
     assert set(callback.report()) == {"heatmaps", "heatmap_seconds"}
 
 

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import ImageDraw
 
 from anomalib_lite.callbacks import render_heatmap
+from anomalib_lite.callbacks.heatmaps import (
+    COLOUR_BAR_WIDTH,
+    LABEL_WIDTH,
+    MIN_PANEL_SIDE,
+    _colormap_table,
+    _wrap,
+)
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components import GreedyCoresetSampler, nearest_neighbors
 from anomalib_lite.models.padim import Padim, PadimModel
@@ -98,18 +106,33 @@ def test_padim_feature_subset_is_seeded() -> None:
     assert len(first.feature_index.unique()) == 50
 
 
-def test_heatmap_sheet_has_three_panels() -> None:
+def test_heatmap_sheet_has_three_panels_a_readable_header_and_a_colour_bar() -> None:
     image = torch.rand(3, 40, 50)
     mask = torch.zeros(40, 50)
     mask[10:20, 10:20] = 1
     heat = torch.zeros(40, 50)
     heat[10:20, 10:20] = 1.0
-    sheet = render_heatmap(image, mask, heat, "hole/000.png", "score 3.2")
-    assert sheet.size == (150, 40 + 14)
+    long_title = "scratch/" + "a_very_long_image_name_" * 12 + "000.png"
+    sheet = render_heatmap(image, mask, heat, long_title, "score 5.22e-05, threshold 4.1e-05: ANOMALOUS", anomalous=True)
+    factor = -(-MIN_PANEL_SIDE // 40)  # small images are enlarged to at least 128 pixels a side
+    panel_w, panel_h = 50 * factor, 40 * factor
+    assert sheet.width == 3 * panel_w + COLOUR_BAR_WIDTH + LABEL_WIDTH + 8
     pixels = np.asarray(sheet)
-    assert (pixels[14 + 15, 50 + 15] == 255).all()  # ground-truth panel shows the mask
-    no_mask = render_heatmap(image, None, heat, "good/000.png", "score 0.1")
-    assert (np.asarray(no_mask)[14 + 5, 55] == 128).all()
+    bottom = sheet.height - panel_h  # panels sit at the bottom, under the header and the captions
+    assert (pixels[bottom + 15 * factor, panel_w + 15 * factor] == 255).all()  # ground truth shows the mask
+    assert (pixels[bottom + 2, panel_w + 2] == 0).all()
+    # The colour bar runs from the colormap's top colour (value 1) to its bottom one (0).
+    bar_x = 3 * panel_w + 4
+    table = _colormap_table("jet")
+    assert np.abs(pixels[bottom, bar_x].astype(float) - table[255]).max() <= 1
+    assert np.abs(pixels[sheet.height - 1, bar_x].astype(float) - table[0]).max() <= 1
+    # The header wraps instead of running off the sheet: every line fits its width, nothing is lost.
+    draw = ImageDraw.Draw(sheet)
+    lines = _wrap(draw, long_title, sheet.width - 4)
+    assert len(lines) > 1 and all(draw.textlength(line) <= sheet.width - 4 for line in lines)
+    assert "".join(lines).replace(" ", "") == long_title.replace(" ", "")
+    no_mask = np.asarray(render_heatmap(image, None, heat, "good/000.png", "score 0.1"))
+    assert (no_mask[no_mask.shape[0] - panel_h + 5, panel_w + 5] == 128).all()
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -1,8 +1,9 @@
-"""Callbacks: test metrics, heatmap export, epoch timing; each reports into metrics.json."""
+"""Callbacks: test metrics, heatmap export, epoch timing, progress; each reports into metrics.json."""
 
 from anomalib_lite.callbacks.epoch_timer import EpochTimer
 from anomalib_lite.callbacks.heatmaps import HeatmapExport, render_heatmap
 from anomalib_lite.callbacks.metrics import AnomalyMetrics
+from anomalib_lite.callbacks.progress import Progress
 from anomalib_lite.callbacks.reporting import ReportingCallback
 
-__all__ = ["AnomalyMetrics", "EpochTimer", "HeatmapExport", "ReportingCallback", "render_heatmap"]
+__all__ = ["AnomalyMetrics", "EpochTimer", "HeatmapExport", "Progress", "ReportingCallback", "render_heatmap"]

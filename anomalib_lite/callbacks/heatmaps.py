@@ -22,21 +22,34 @@ from anomalib_lite.callbacks.reporting import ReportingCallback
 from anomalib_lite.data.batch import Batch
 from anomalib_lite.models.components import AnomalyModule, AnomalyOutput
 
-HEADER_HEIGHT = 14
+LINE_HEIGHT = 13  # pixels per text line (Pillow's default font)
+MIN_PANEL_SIDE = 128  # smaller images are enlarged (nearest) so the sheet stays readable
+COLOUR_BAR_WIDTH = 12
+LABEL_WIDTH = 64
 
 
-def _panel(array: np.ndarray, title: str) -> Image.Image:
-    image = Image.fromarray(array)
-    canvas = Image.new("RGB", (image.width, image.height + HEADER_HEIGHT), (255, 255, 255))
-    canvas.paste(image, (0, HEADER_HEIGHT))
-    ImageDraw.Draw(canvas).text((2, 1), title, fill=(0, 0, 0))
-    return canvas
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """`text` broken into lines no wider than `width` pixels (long words are cut, not dropped)."""
+    lines, line = [], ""
+    for char in text:
+        if draw.textlength(line + char) > width and line:
+            cut = line.rfind(" ") if " " in line.strip() else -1
+            lines.append(line[:cut] if cut > 0 else line)
+            line = (line[cut + 1:] if cut > 0 else "") + char
+        else:
+            line += char
+    return lines + [line] if line else lines
 
 
 @functools.cache
 def _colormap_table(name: str) -> np.ndarray:
     """The colormap's 256 RGB entries, 0-255 as float32 (what `colormaps[name](values)` looks up)."""
     return (colormaps[name](np.arange(256))[:, :3] * 255).astype(np.float32)
+
+
+def _colour(heat: np.ndarray, colormap: str) -> np.ndarray:
+    # matplotlib's own lookup (value x 256, clipped to the last of its 256 entries), done once per colormap.
+    return _colormap_table(colormap)[np.minimum((heat * 256).astype(np.int64), 255)]
 
 
 def render_heatmap(
@@ -47,31 +60,62 @@ def render_heatmap(
     score_text: str,
     colormap: str = "jet",
     alpha: float = 0.5,
+    scale: tuple[float, float] | None = None,
+    anomalous: bool | None = None,
 ) -> Image.Image:
     """image 3 x H x W in [0, 1]; normalized_map H x W in [0, 1] with 0.5 = pixel threshold.
 
-    The overlay outlines in white the pixels above the threshold; the ground-truth panel shows
-    the mask (grey with 'no mask' when there is none).
+    A header (the image's name and `score_text`, wrapped to the sheet's width, red when
+    `anomalous`), then three panels - input | ground truth | overlay - and a colour bar. The
+    overlay outlines in white the pixels above the threshold; the ground-truth panel shows the
+    mask (grey, "no mask", when there is none). `scale` = (map value at 0, pixel threshold) labels
+    the colour bar in the method's own units. Images under 128 pixels a side are enlarged.
     """
     rgb = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     heat = normalized_map.cpu().numpy()
-    # matplotlib's own lookup (value x 256, clipped to the last of its 256 entries), done once per colormap.
-    coloured = _colormap_table(colormap)[np.minimum((heat * 256).astype(np.int64), 255)]
-    overlay = ((1 - alpha) * rgb + alpha * coloured).round().astype(np.uint8)
+    overlay = ((1 - alpha) * rgb + alpha * _colour(heat, colormap)).round().astype(np.uint8)
     above = heat >= 0.5
-    outline = above & ~ndimage.binary_erosion(above)
-    overlay[outline] = 255
+    overlay[above & ~ndimage.binary_erosion(above)] = 255
     if mask is not None:
         truth = np.repeat((mask.cpu().numpy() > 0)[..., None] * 255, 3, axis=2).astype(np.uint8)
-        truth_title = "ground truth"
     else:
         truth = np.full_like(rgb, 128)
-        truth_title = "ground truth: no mask"
-    panels = [_panel(rgb, title), _panel(truth, truth_title), _panel(overlay, score_text)]
-    sheet = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), (255, 255, 255))
-    for i, panel in enumerate(panels):
-        sheet.paste(panel, (i * panels[0].width, 0))
+    height, width = rgb.shape[:2]
+    factor = max(1, -(-MIN_PANEL_SIDE // min(height, width)))
+    panels = [Image.fromarray(a).resize((width * factor, height * factor), Image.Resampling.NEAREST) for a in (rgb, truth, overlay)]
+    panel_w, panel_h = panels[0].size
+    sheet_w = 3 * panel_w + COLOUR_BAR_WIDTH + LABEL_WIDTH + 8
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    header = _wrap(measure, title, sheet_w - 4) + _wrap(measure, score_text, sheet_w - 4)
+    top = len(header) * LINE_HEIGHT + 2
+    sheet = Image.new("RGB", (sheet_w, top + LINE_HEIGHT + panel_h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    title_lines = len(_wrap(measure, title, sheet_w - 4))
+    for i, line in enumerate(header):
+        colour = (200, 0, 0) if anomalous and i >= title_lines else (0, 0, 0)
+        draw.text((2, 1 + i * LINE_HEIGHT), line, fill=colour)
+    captions = ("input", "ground truth" if mask is not None else "no mask", "anomaly map")
+    for i, (panel, caption) in enumerate(zip(panels, captions)):
+        draw.text((i * panel_w + 2, top), caption, fill=(80, 80, 80))
+        sheet.paste(panel, (i * panel_w, top + LINE_HEIGHT))
+    # Colour bar: 1 at the top, the threshold (0.5) in the middle, 0 at the bottom.
+    bar_x, bar_top = 3 * panel_w + 4, top + LINE_HEIGHT
+    ramp = np.linspace(1, 0, panel_h, dtype=np.float32)[:, None].repeat(COLOUR_BAR_WIDTH, axis=1)
+    sheet.paste(Image.fromarray(_colour(ramp, colormap).round().astype(np.uint8)), (bar_x, bar_top))
+    low, threshold = scale if scale is not None else (0.0, 0.5)
+    labels = ((0, low + 2 * (threshold - low)), (panel_h // 2, threshold), (panel_h - 1, low))
+    for y, value in labels:
+        text = f"{value:.3g}" + (" thr" if y == panel_h // 2 else "")
+        draw.line((bar_x + COLOUR_BAR_WIDTH, bar_top + y, bar_x + COLOUR_BAR_WIDTH + 3, bar_top + y), fill=(0, 0, 0))
+        text_y = min(max(bar_top + y - LINE_HEIGHT // 2, bar_top), bar_top + panel_h - LINE_HEIGHT)
+        draw.text((bar_x + COLOUR_BAR_WIDTH + 5, text_y), text, fill=(0, 0, 0))
     return sheet
+
+
+def heatmap_name(image_name: str) -> str:
+    """`000.png` -> `000_png.png`: the extension stays, so 000.png and 000.jpg get a heatmap each."""
+    path = Path(image_name)
+    return f"{path.stem}_{path.suffix.lstrip('.').lower() or 'image'}.png"
 
 
 def _save_atomically(image: Image.Image, path: Path) -> None:
@@ -83,7 +127,7 @@ def _save_atomically(image: Image.Image, path: Path) -> None:
 
 
 class HeatmapExport(ReportingCallback):
-    """Writes `<output_dir>/<defect_type>/<image stem>.png` for up to `max_per_type` test images
+    """Writes `<output_dir>/<defect_type>/<image stem>_<extension>.png` for up to `max_per_type` test images
     of every defect type (null: all), so each type is represented however large the test set.
 
     Rendering and PNG encoding run in `workers` background threads (numpy, scipy and Pillow
@@ -123,24 +167,28 @@ class HeatmapExport(ReportingCallback):
         normalized = pl_module.normalize_anomaly_map(outputs.anomaly_map.detach()).cpu()
         scores = outputs.pred_score.detach().float().cpu()
         threshold = float(pl_module.image_threshold)
+        scale = (float(pl_module.pixel_floor), float(pl_module.pixel_threshold))
         for i, defect_type in enumerate(batch.defect_type):
             if cap is not None and self._written.get(defect_type, 0) >= cap:
                 continue
             self._written[defect_type] = self._written.get(defect_type, 0) + 1
             name = Path(batch.image_path[i]).name
-            verdict = "ANOMALOUS" if scores[i] > threshold else "normal"
+            anomalous = bool(scores[i] > threshold)
             job = (
                 batch.image[i].cpu(), batch.mask[i].cpu() if bool(batch.has_mask[i]) else None, normalized[i],
-                f"{defect_type}/{name}", f"score {float(scores[i]):.3g} (thr {threshold:.3g}) {verdict}",
-                self.output_dir / defect_type / f"{Path(name).stem}.png",
+                f"{defect_type}/{name}",
+                f"score {float(scores[i]):.3g}, threshold {threshold:.3g}: {'ANOMALOUS' if anomalous else 'normal'}",
+                scale, anomalous, self.output_dir / defect_type / heatmap_name(name),
             )
             while len(self._pending) >= self.max_pending:
                 self._pending.popleft().result()
             self._pending.append(self._executor.submit(self._render_and_save, *job))
         self._loop_seconds += time.perf_counter() - start
 
-    def _render_and_save(self, image, mask, normalized, title, score_text, path: Path) -> None:  # noqa: ANN001
-        sheet = render_heatmap(image, mask, normalized, title, score_text, colormap=self.colormap)
+    def _render_and_save(self, image, mask, normalized, title, score_text, scale, anomalous, path: Path) -> None:  # noqa: ANN001
+        sheet = render_heatmap(
+            image, mask, normalized, title, score_text, colormap=self.colormap, scale=scale, anomalous=anomalous
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_atomically(sheet, path)
 

@@ -65,6 +65,10 @@ class AnomalyMetrics(ReportingCallback):
             fpr_limit=self.fpr_limit, image_threshold=threshold,
         )
         self.results["num_test_images"] = int(gathered["label"].numel())
+        if self.results["pixel_auroc"] is None:
+            # Say why, in metrics.json and the run's summary.
+            note = getattr(trainer.datamodule, "pixel_metrics_note", lambda: None)()
+            self.results["pixel_metrics_note"] = note or "no pixel metrics: the test masks hold no defect pixel"
         if self.predictions_file is not None and trainer.is_global_zero:
             # Paths by dataset index: rank 0 writes every rank's rows under DDP.
             self._write_predictions(gathered, trainer.datamodule.test_samples, threshold)

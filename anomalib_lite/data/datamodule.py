@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from anomalib_lite.data.batch import collate_items
-from anomalib_lite.data.samples import AnomalyDataset, ImageResize, Sample, check_samples, list_images
+from anomalib_lite.data.image_io import DataReport, check_files
+from anomalib_lite.data.samples import AnomalyDataset, ImageResize, Sample, list_images
 from anomalib_lite.data.validation import ValidationSet
 from anomalib_lite.errors import UserInputError
+from anomalib_lite.schema import Fraction, NonNegative, NonNegativeInt, PositiveInt, Size
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +38,20 @@ class AnomalyDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        image_size: int | Sequence[int] = 256,
-        crop_size: int | Sequence[int] | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        val_ratio: float = 0.1,
+        image_size: Size = 256,
+        crop_size: Size | None = None,
+        batch_size: PositiveInt = 32,
+        eval_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 2,
+        val_ratio: Annotated[float, Fraction] = 0.1,
         seed: int = 0,
-        num_shots: int | None = None,
+        num_shots: PositiveInt | None = None,
         val_synthesis: dict | None = DEFAULT_VAL_SYNTHESIS,
+        mask_threshold: Annotated[float, NonNegative] = 0,
     ) -> None:
         super().__init__()
         self.resize = ImageResize(image_size, crop_size)
+        self.mask_threshold = mask_threshold
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -64,6 +68,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.train_samples: list[Sample] | None = None
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
+        self.report = DataReport()
 
     # -- to implement -------------------------------------------------------------------------
     def scan(self) -> tuple[list[Sample], list[Sample]]:
@@ -90,13 +95,14 @@ class AnomalyDataModule(L.LightningDataModule):
             )
         if not any(s.label == 0 for s in test):
             raise UserInputError(f"the test set of {self.name} has no normal images: AUROC needs both kinds")
-        check_samples(train + test)
+        self.report = check_files(train + test, self.mask_threshold)
+        self._log_report()
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
         num_val = max(1, round(len(train) * self.val_ratio))
         if num_val >= len(train):
             raise UserInputError(
-                f"{self.name}: {len(train)} normal training images leave none to fit on after holding out "
-                f"{num_val} for validation (val_ratio={self.val_ratio}); at least 2 are needed"
+                f"{self.name} has {len(train)} normal training image{'s' if len(train) != 1 else ''}: at least 2 are "
+                f"needed, one held out for validation (thresholds) and one to fit on (dataset.val_ratio={self.val_ratio})"
             )
         fit_order = order[num_val:]
         if self.num_shots is not None:
@@ -114,6 +120,47 @@ class AnomalyDataModule(L.LightningDataModule):
             "%d test images",
             self.name, len(self.train_samples), len(train), len(self.val_samples), len(test),
         )
+
+    def _log_report(self) -> None:
+        report = self.report
+        height, width = self.resize.size
+        if report.smallest and (report.smallest[0] < width or report.smallest[1] < height):
+            log.warning(
+                "%s: images as small as %dx%d are upscaled to the image size %dx%d (dataset.image_size)",
+                self.name, *report.smallest, width, height,
+            )
+        if report.rescaled:
+            log.warning(
+                "%s: %d float images lie outside [0, 1] and were scaled by their own min and max (e.g. %s)",
+                self.name, len(report.rescaled), report.rescaled[0],
+            )
+        if report.num_masks and not report.mask_values <= {0.0, 255.0}:
+            shown = ", ".join(f"{v:g}" for v in sorted(report.mask_values)[:6])
+            log.info(
+                "%s: masks hold the values %s%s, not 0/255: a pixel is defect where its mask value is above "
+                "dataset.mask_threshold=%g", self.name, shown, ", ..." if len(report.mask_values) > 6 else "",
+                self.mask_threshold,
+            )
+        if report.empty_masks:
+            log.warning(
+                "%s: %d of %d defect masks have no pixel above dataset.mask_threshold=%g (e.g. %s): those images "
+                "count for image metrics only", self.name, len(report.empty_masks), report.num_masks,
+                self.mask_threshold, report.empty_masks[0],
+            )
+
+    def pixel_metrics_note(self) -> str | None:
+        """Why pixel metrics cannot be computed on this test set, or None when they can."""
+        anomalous = [s for s in self.test_samples if s.label == 1]
+        if not anomalous:
+            return None
+        if any(s.mask_path is None for s in anomalous):
+            return f"no pixel metrics: {sum(s.mask_path is None for s in anomalous)} anomalous test images have no mask"
+        if len(self.report.empty_masks) == len(anomalous):
+            return (
+                f"no pixel metrics: none of the {len(anomalous)} defect masks has a pixel above "
+                f"dataset.mask_threshold={self.mask_threshold:g}"
+            )
+        return None
 
     @property
     def has_masks(self) -> bool:
@@ -147,7 +194,8 @@ class AnomalyDataModule(L.LightningDataModule):
         return self._loader(dataset, self.eval_batch_size, num_workers=0)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(AnomalyDataset(self.test_samples, self.resize), self.eval_batch_size)
+        dataset = AnomalyDataset(self.test_samples, self.resize, self.mask_threshold)
+        return self._loader(dataset, self.eval_batch_size)
 
 
 def _find_mask(mask_dir: Path, image: Path) -> Path:
@@ -212,7 +260,7 @@ class FolderDataModule(AnomalyDataModule):
         abnormal_dir: str | Path,
         mask_dir: str | Path | None = None,
         normal_test_dir: str | Path | None = None,
-        test_ratio: float = 0.2,
+        test_ratio: Annotated[float, Fraction] = 0.2,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -228,12 +276,22 @@ class FolderDataModule(AnomalyDataModule):
         return str(self.abnormal_dir.parent)
 
     def scan(self) -> tuple[list[Sample], list[Sample]]:
-        for directory in (self.normal_dir, self.abnormal_dir, self.mask_dir, self.normal_test_dir):
+        folders = {
+            "normal_dir": self.normal_dir, "abnormal_dir": self.abnormal_dir, "mask_dir": self.mask_dir,
+            "normal_test_dir": self.normal_test_dir,
+        }
+        for setting, directory in folders.items():
             if directory is not None and not directory.is_dir():
-                raise UserInputError(f"dataset folder not found: {directory}")
+                raise UserInputError(f"dataset folder not found: {directory} (dataset.{setting})")
         normal = [Sample(p, 0, "good") for p in list_images(self.normal_dir)]
         if not normal:
             raise UserInputError(f"no normal images in {self.normal_dir}")
+        for setting, directory in (("abnormal_dir", self.abnormal_dir), ("normal_test_dir", self.normal_test_dir)):
+            if directory is not None and directory.resolve() == self.normal_dir.resolve():
+                raise UserInputError(
+                    f"dataset.{setting} is dataset.normal_dir ({directory}): the training images would be tested as "
+                    f"{'anomalies' if setting == 'abnormal_dir' else 'unseen normal images'}; give separate folders"
+                )
         if self.normal_test_dir is not None:
             normal_test = [Sample(p, 0, "good") for p in list_images(self.normal_test_dir)]
         else:

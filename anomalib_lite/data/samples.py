@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from anomalib_lite.data.batch import Item
+from anomalib_lite.data.image_io import read_image, read_mask
 from anomalib_lite.errors import UserInputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -35,39 +36,6 @@ def list_images(directory: Path) -> list[Path]:
     )
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header; a file that is not a readable image is a user error."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise UserInputError(f"cannot read image {path}: {error}") from None
-
-
-def check_samples(samples: Sequence[Sample]) -> None:
-    """Every image readable, every defect image with a mask of its own size."""
-    for sample in samples:
-        size = image_size(sample.image_path)
-        if sample.mask_path is None:
-            continue
-        if not sample.mask_path.is_file():
-            raise UserInputError(f"no mask for test image {sample.image_path} (expected {sample.mask_path})")
-        mask_size = image_size(sample.mask_path)
-        if mask_size != size:
-            raise UserInputError(
-                f"mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} but its image "
-                f"{sample.image_path} is {size[0]}x{size[1]}"
-            )
-
-
-def _open(path: Path, mode: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except (UnidentifiedImageError, OSError) as error:
-        raise UserInputError(f"cannot read image {path}: {error}") from None
-
-
 class ImageResize:
     """Resize to `image_size`, then optionally center-crop to `crop_size` (the papers' 256 -> 224)."""
 
@@ -89,6 +57,21 @@ class ImageResize:
             image = image.crop((left, top, left + self.crop[1], top + self.crop[0]))
         return image
 
+    def to_tensor(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        """An 8-bit RGB image or a float H x W x 3 array in [0, 1] -> 3 x H' x W' float in [0, 1].
+
+        Float data is resized channel by channel as 32-bit float images, with the same filter.
+        """
+        if isinstance(image, Image.Image):
+            resized = np.asarray(self(image, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        else:
+            channels = [
+                np.asarray(self(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F"), Image.Resampling.BILINEAR))
+                for c in range(image.shape[-1])
+            ]
+            resized = np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
+        return torch.from_numpy(np.ascontiguousarray(resized, dtype=np.float32)).permute(2, 0, 1).contiguous()
+
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, int):
@@ -100,24 +83,24 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 class AnomalyDataset(Dataset):
     """Images as float tensors in [0, 1] (RGB, C x H x W) with their masks (H x W, 0/1), as `Item`s."""
 
-    def __init__(self, samples: Sequence[Sample], resize: ImageResize) -> None:
+    def __init__(self, samples: Sequence[Sample], resize: ImageResize, mask_threshold: float = 0) -> None:
         self.samples = list(samples)
         self.resize = resize
+        self.mask_threshold = mask_threshold
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load_image(self, index: int) -> torch.Tensor:
-        # Grayscale, palette and RGBA inputs all become RGB.
-        image = self.resize(_open(self.samples[index].image_path, "RGB"), Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        # Grey, palette, RGBA, 16-bit and float inputs all become RGB in [0, 1] (image_io).
+        return self.resize.to_tensor(read_image(self.samples[index].image_path))
 
     def load_mask(self, index: int, size: tuple[int, int]) -> torch.Tensor:
         mask_path = self.samples[index].mask_path
         if mask_path is None:
             return torch.zeros(size)
-        mask = self.resize(_open(mask_path, "L"), Image.Resampling.NEAREST)
-        return torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
+        mask = self.resize(Image.fromarray(read_mask(mask_path, self.mask_threshold)), Image.Resampling.NEAREST)
+        return torch.from_numpy(np.asarray(mask, dtype=np.float32))
 
     def __getitem__(self, index: int) -> Item:
         sample = self.samples[index]

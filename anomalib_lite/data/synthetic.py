@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,6 +27,7 @@ from scipy import ndimage
 
 from anomalib_lite.data.datamodule import MVTecDataModule
 from anomalib_lite.errors import UserInputError
+from anomalib_lite.schema import PositiveInt, Range
 
 CATEGORIES = ("stripes", "weave", "disc")
 DEFECT_TYPES = ("scratch", "hole", "stain", "missing")
@@ -186,10 +188,10 @@ class SyntheticDataModule(MVTecDataModule):
         self,
         root: str | Path,
         category: str = "stripes",
-        generated_size: int = 256,
-        num_train: int = 40,
-        num_test_good: int = 10,
-        num_test_per_defect: int = 5,
+        generated_size: Annotated[int, Range(low=16)] = 256,
+        num_train: PositiveInt = 40,
+        num_test_good: PositiveInt = 10,
+        num_test_per_defect: PositiveInt = 5,
         **kwargs,
     ) -> None:
         super().__init__(root=root, category=category, **kwargs)

@@ -3,14 +3,13 @@ Localization via Conditional Normalizing Flows", WACV 2022)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, TrainableModel
 from anomalib_lite.models.components.flows import gaussian_log_likelihood, positional_encoding_2d, vector_flow
+from anomalib_lite.schema import Levels
 
 
 class CflowModel(TrainableModel):
@@ -29,7 +28,7 @@ class CflowModel(TrainableModel):
     def __init__(
         self,
         backbone: dict,
-        levels: Sequence[int] = (2, 3, 4),
+        levels: Levels = (2, 3, 4),
         condition_dim: int = 128,
         coupling_blocks: int = 8,
         clamp: float = 1.9,

@@ -40,6 +40,7 @@ from anomalib_lite.data.batch import Batch
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.anomaly_map import AnomalyOutput
 from anomalib_lite.models.components.interfaces import AnomalyModel, MemoryBankModel, TrainableModel
+from anomalib_lite.schema import PositiveInt
 from anomalib_lite.utils.distributed import gather_samples
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ class TrainedModule(AnomalyModule):
 
     def __init__(
         self,
-        epochs: int,
+        epochs: PositiveInt,
         optimizers: Mapping[str, Mapping[str, Any]],
         schedulers: Mapping[str, Mapping[str, Any]] | None = None,
         gradient_clip_norm: float | None = None,

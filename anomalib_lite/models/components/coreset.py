@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Annotated
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from anomalib_lite.errors import UserInputError
+from anomalib_lite.schema import PositiveInt, Range
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def greedy_coreset(
     # slack (and more), so rounding can only make it keep a point, never skip one that moves.
     slack = 1e-5 * float(squared_norms.max())
     report_every = max(1, k // 100)
-    bar = tqdm(total=k, desc="coreset", unit="pt", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=k, desc="coreset", unit="pt", disable=None if progress else True, mininterval=1.0)  # None: no bar off a terminal
     # While the loop is dense, the reach test is repeated only every `dense_streak` steps (doubling):
     # a plain pass is always exact, so testing less often only saves the test's own cost.
     next_reach_test, dense_streak = 1, 1
@@ -138,7 +140,10 @@ class GreedyCoresetSampler:
     and broadcasts the indices, so every rank keeps the rows a single process would.
     """
 
-    def __init__(self, ratio: float = 0.1, projection_dim: int = 128, seed: int = 0, progress: bool = True) -> None:
+    def __init__(
+        self, ratio: Annotated[float, Range(0, 1, low_open=True)] = 0.1, projection_dim: PositiveInt = 128, seed: int = 0,
+        progress: bool = True,
+    ) -> None:
         if not 0 < ratio <= 1:
             raise UserInputError(f"the coreset ratio must be in (0, 1], got {ratio}")
         self.ratio = ratio

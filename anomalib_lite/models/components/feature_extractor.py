@@ -151,6 +151,19 @@ def create_backbone(model_name: str, weights: str, **timm_kwargs) -> nn.Module:
         missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
         if missing:
             raise UserInputError(f"weights '{weights}' lack {len(missing)} tensors of {model_name}, e.g. {missing[0]}")
+        classifier_keys = set(timm.create_model(model_name, pretrained=False).state_dict())
+        extra = [k for k in state if k not in classifier_keys and not k.endswith("num_batches_tracked")]
+        if extra:
+            raise UserInputError(
+                f"weights '{weights}' hold {len(extra)} tensors {model_name} does not have (e.g. {extra[0]}): "
+                "they are another architecture's"
+            )
+        for key, tensor in own.items():
+            if key in state and state[key].shape != tensor.shape:
+                raise UserInputError(
+                    f"weights '{weights}' do not fit {model_name}: {key} is {tuple(state[key].shape)} in the file, "
+                    f"{tuple(tensor.shape)} in the model (another architecture's weights?)"
+                )
         model.load_state_dict({k: state.get(k, own[k]) for k in own})
     return model
 

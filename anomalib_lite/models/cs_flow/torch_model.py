@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, TrainableModel
 from anomalib_lite.models.components.flows import gaussian_log_likelihood
 from anomalib_lite.models.cs_flow.cross_scale import CrossScaleCoupling
+from anomalib_lite.schema import Levels
 
 
 def cross_scale_flow(
@@ -58,7 +59,7 @@ class CsFlowModel(TrainableModel):
     def __init__(
         self,
         backbone: dict,
-        levels: Sequence[int] = (3,),
+        levels: Levels = (3,),
         coupling_blocks: int = 4,
         hidden_channels: int = 1024,
         kernel_sizes: Sequence[int] = (3, 3, 3, 5),

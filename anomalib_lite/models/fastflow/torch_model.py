@@ -3,14 +3,13 @@ Normalizing Flows", 2021)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, TrainableModel
 from anomalib_lite.models.components.flows import conv_flow, conv_subnet, gaussian_log_likelihood
+from anomalib_lite.schema import Levels
 
 
 class FastflowModel(TrainableModel):
@@ -29,7 +28,7 @@ class FastflowModel(TrainableModel):
     def __init__(
         self,
         backbone: dict,
-        levels: Sequence[int] = (1, 2, 3),
+        levels: Levels = (1, 2, 3),
         flow_steps: int = 8,
         hidden_ratio: float = 1.0,
         conv3x3_only: bool = False,

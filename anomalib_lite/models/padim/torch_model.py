@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +12,7 @@ from anomalib_lite.models.components import (
     ResizableBuffersMixin,
     smooth_anomaly_map,
 )
+from anomalib_lite.schema import Levels
 
 
 class PadimModel(ResizableBuffersMixin, MemoryBankModel):
@@ -32,7 +31,7 @@ class PadimModel(ResizableBuffersMixin, MemoryBankModel):
     def __init__(
         self,
         backbone: dict,
-        levels: Sequence[int] = (1, 2, 3),
+        levels: Levels = (1, 2, 3),
         num_features: int | None = 100,
         feature_seed: int = 0,
         covariance_eps: float = 0.01,

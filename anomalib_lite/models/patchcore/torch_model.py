@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from anomalib_lite.models.components import (
     nearest_neighbors,
     smooth_anomaly_map,
 )
+from anomalib_lite.schema import Levels, NonNegative, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,13 @@ class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
     def __init__(
         self,
         backbone: dict,
-        levels: Sequence[int] = (2, 3),
-        embedding_dim: int = 1024,
+        levels: Levels = (2, 3),
+        embedding_dim: PositiveInt = 1024,
         pool_per_level: bool = True,
-        patch_size: int = 3,
-        num_neighbors: int = 1,
-        blur_sigma: float = 4.0,
-        nn_chunk_size: int = 2048,
+        patch_size: PositiveInt = 3,
+        num_neighbors: PositiveInt = 1,
+        blur_sigma: Annotated[float, NonNegative] = 4.0,
+        nn_chunk_size: PositiveInt = 2048,
         coreset_sampler: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()

@@ -4,8 +4,6 @@ a high likelihood and synthetic anomalies a low one."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +11,7 @@ from torch import nn
 from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, TrainableModel
 from anomalib_lite.models.components.flows import conv_flow, gaussian_log_likelihood, positional_encoding_2d
 from anomalib_lite.models.ss_flow.subnet import conv_attention_subnet
+from anomalib_lite.schema import Levels
 
 
 class SsFlowModel(TrainableModel):
@@ -43,7 +42,7 @@ class SsFlowModel(TrainableModel):
     def __init__(
         self,
         backbone: dict,
-        levels: Sequence[int] = (2, 3),
+        levels: Levels = (2, 3),
         flow_steps: int = 8,
         condition_dim: int = 32,
         hidden_ratio: float = 1.0,
