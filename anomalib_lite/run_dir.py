@@ -86,7 +86,7 @@ class StagedRun:
         if self.is_writer:
             for item in self.staging.iterdir():  # a failed attempt's files, but Hydra's fresh record
                 if item.name != ".hydra":
-                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+                    _remove(item)
             self._handler = logging.FileHandler(self.staging / "train.log")
             self._handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
             logging.getLogger().addHandler(self._handler)
@@ -121,21 +121,14 @@ class StagedRun:
     def _move_up(self) -> None:
         for item in list(self.staging.iterdir()):
             target = self.run_dir / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
+            _remove(target)
             os.replace(item, target)
         self.staging.rmdir()
 
     def commit(self) -> None:
         """The run succeeded: the earlier run's files (if any) go, the new ones take their place."""
         for name in RUN_ITEMS:
-            target = self.run_dir / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+            _remove(self.run_dir / name)
         self._move_up()
 
     def fail(self) -> None:
@@ -144,7 +137,10 @@ class StagedRun:
             return
         self._move_up()
 
-    @property
-    def log_path(self) -> Path:
-        """Where the failed run's train.log ends up."""
-        return (self.staging if self.has_earlier_run else self.run_dir) / "train.log"
+
+def _remove(path: Path) -> None:
+    """A file, link or folder, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

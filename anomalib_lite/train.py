@@ -245,8 +245,7 @@ def _quiet_third_party() -> None:
         r".*configure_optimizers.* returned .None.*",  # memory-bank methods have nothing to optimise
         r".*module\(s\) in eval mode.*",  # frozen backbones are in eval mode on purpose
         r".*does not have many workers.*",  # num_workers is the user's setting, documented in the dataset yaml
-        r".*LeafSpec.*is deprecated.*",
-        r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
+        r".*LeafSpec.*is deprecated.*",  # inside Lightning's pytree helpers
     ):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -115,7 +115,6 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> t
         "dataset=mvtec", f"dataset.root={base / 'data'}", "dataset.category=weave", *TINY_COMMON,
         "dataset.image_size=64", "dataset.crop_size=null", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={base / 'run'}",
     ]
-    capture = pytest.CaptureFixture  # noqa: F841 - capsys is function-scoped; run once outside it
     GlobalHydra.instance().clear()
     argv, sys.argv = sys.argv, ["anomalib-lite", *args]
     try:

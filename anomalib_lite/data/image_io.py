@@ -14,7 +14,6 @@ channel is above it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from anomalib_lite.errors import UserInputError
-
-log = logging.getLogger(__name__)
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # Pillow modes read as they are (8 bits per channel); others go through numpy at full depth.
@@ -126,13 +123,15 @@ def read_image(path: Path) -> Image.Image | np.ndarray:
     return _as_rgb(_to_unit_range(decoded, path)[0], path)
 
 
+def _mask_values(decoded: Image.Image | np.ndarray) -> np.ndarray:
+    """A decoded mask as H x W values (palette/bilevel via grey; colour: the largest channel, alpha ignored)."""
+    array = np.asarray(decoded.convert("L") if isinstance(decoded, Image.Image) and decoded.mode in ("P", "1") else decoded)
+    return array[..., : min(array.shape[-1], 3)].max(axis=-1) if array.ndim == 3 else array
+
+
 def read_mask(path: Path, threshold: float = 0) -> np.ndarray:
     """H x W uint8, 1 where the mask's value is above `threshold` (any channel), else 0."""
-    decoded = _decode(path)
-    array = np.asarray(decoded.convert("L") if isinstance(decoded, Image.Image) and decoded.mode in ("P", "1") else decoded)
-    if array.ndim == 3:
-        array = array[..., : min(array.shape[-1], 3)].max(axis=-1)  # colour masks; alpha ignored
-    return (array > threshold).astype(np.uint8)
+    return (_mask_values(_decode(path)) > threshold).astype(np.uint8)
 
 
 def inspect_image(path: Path) -> ImageInfo:
@@ -145,12 +144,12 @@ def inspect_image(path: Path) -> ImageInfo:
 
 
 def inspect_mask(path: Path, threshold: float) -> ImageInfo:
-    decoded = _decode(path)
-    array = np.asarray(decoded)
-    size = (array.shape[1], array.shape[0])
-    values = np.unique(array if array.ndim == 2 else array[..., : min(array.shape[-1], 3)])
-    mask = read_mask(path, threshold)
-    return ImageInfo(size, mask_values=tuple(float(v) for v in values[:8]), mask_empty=not mask.any())
+    values = _mask_values(_decode(path))
+    distinct = np.unique(values)
+    return ImageInfo(
+        (values.shape[1], values.shape[0]), mask_values=tuple(float(v) for v in distinct[:8]),
+        mask_empty=not bool((values > threshold).any()),
+    )
 
 
 @dataclass
