@@ -1,14 +1,36 @@
 # anomalib-lite: `make train` runs PatchCore on the built-in synthetic data; `make test` the suite.
-PYTHON ?= python3
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+
+# The Python everything runs with: the active virtual environment's (or conda's), else the
+# project's own .venv, created on first use. --system-site-packages: a torch the base Python
+# already has is reused rather than downloaded again; what is missing goes into .venv.
+# PYTHON=... on the command line picks another interpreter.
+VENV := .venv
+ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
+PYTHON ?= python
+else
+PYTHON ?= $(VENV)/bin/python
+VENV_PYTHON := $(VENV)/bin/python
+endif
 PIP := $(PYTHON) -m pip
-# Installed once: the stamp records that `make install` ran with this pyproject.toml.
+# Installed once per interpreter: the stamp holds the Python that `make install` installed into,
+# and is older than pyproject.toml when the dependencies changed.
 STAMP := .install.stamp
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(PYTHON))
+$(shell rm -f $(STAMP))
+endif
 
 .PHONY: install train test test-slow lint check-wheel bench bench-flows bench-few-shot bench-coreset bench-aupro bench-selection clean
 
-$(STAMP): pyproject.toml
-	$(PIP) install -q -e '.[dev,offline]'
-	touch $(STAMP)
+$(VENV)/bin/python:
+	@echo "make: creating the virtual environment $(VENV) (python3 -m venv --system-site-packages $(VENV))"
+	python3 -m venv --system-site-packages $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV_PYTHON)
+	@echo "make: installing anomalib-lite and its dependencies into $(PYTHON) (first time: torch and the rest may download for several minutes)"
+	$(PIP) install -e '.[dev,offline]' 2>&1 | grep -E --line-buffered '^(Collecting|Downloading|Installing|Successfully|ERROR|error)' || test $${PIPESTATUS[0]} -eq 0
+	echo $(PYTHON) > $(STAMP)
 
 install: $(STAMP)
 

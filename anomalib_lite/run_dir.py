@@ -24,7 +24,7 @@ STAGING = ".incomplete"
 # Everything a run writes at the top of its folder (loggers included); nothing else is touched.
 RUN_ITEMS = (
     ".hydra", "config.yaml", "metrics.json", "predictions.csv", "train.log", "checkpoints", "heatmaps", "logs",
-    "tensorboard", "wandb",
+    "tensorboard", "wandb", "predict",
 )
 LOG_FORMAT = "[%(asctime)s] %(message)s"
 

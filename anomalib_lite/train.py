@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -90,6 +91,7 @@ def _run(cfg: DictConfig, original: DictConfig, run_dir: Path) -> dict[str, Any]
     # Not recursive: optimiser, scheduler and sampler specs reach the method as plain dicts (it
     # builds them), so its hyperparameters, and the checkpoint, hold plain data only.
     module: AnomalyModule = instantiate(cfg.method, _convert_="all", _recursive_=False)
+    module.image_resize = datamodule.resize  # the checkpoint carries it: the model scores raw images alone
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = build_trainer(cfg.trainer, module, name, callbacks=callbacks, logger=loggers)
@@ -150,10 +152,21 @@ def _run(cfg: DictConfig, original: DictConfig, run_dir: Path) -> dict[str, Any]
     log.info("test on %d images: %s", len(datamodule.test_samples), ", ".join(
         f"{key} {'n/a' if results.get(key) is None else f'{results[key]:.4f}'}" for key in METRIC_KEYS
     ) + (f" ({results['pixel_metrics_note']})" if results.get("pixel_metrics_note") else ""))
+    _close_loggers(trainer)
     trainer.strategy.barrier()  # every rank has written its share (heatmaps) before rank 0 moves the files
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _close_loggers(trainer: L.Trainer) -> None:
+    """Loggers write their last files now, before the run's folder moves into place: a W&B run
+    stays open after test (its service process would go on writing into the staging folder)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()
+        else:
+            logger.finalize("success")
 
 
 def _checkpoint_epoch(path: str) -> int | None:

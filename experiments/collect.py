@@ -3,9 +3,12 @@
 
     python experiments/collect.py outputs/multirun/2026-11-21_10-00-00 [--csv results.csv]
 
-Prints a markdown table per metric (method[/backbone] x category, a mean column and a mean row)
-and writes every run's row to CSV (default: <sweep dir>/results.csv). `--rows method num_shots`
-makes the rows from other metrics.json fields (e.g. a few-shot table).
+Prints a markdown table per metric (a row per configuration x a column per category, a mean
+column and a mean row) and writes every run's row to CSV (default: <sweep dir>/results.csv).
+No run is hidden: the settings that differ between runs of the same method (read from each run's
+config.yaml: image size, seed, coreset ratio, ...) name the rows and get their own CSV columns,
+and runs that still share a cell are told apart by their folder. `--rows method num_shots` makes
+the rows from chosen metrics.json or config fields instead (e.g. a few-shot table).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+import yaml
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap")
 VALIDATION = ("val_synthetic_image_auroc", "val_synthetic_pixel_auroc", "val_synthetic_aupro")
@@ -26,32 +32,113 @@ COLUMNS = (
 )
 
 
+# Where a run writes, not how it ran: never a reason to tell runs apart.
+OUTPUT_SETTINGS = re.compile(r"^paths\.|_target_$|(^|\.)(save_dir|output_dir|default_root_dir|predictions_file)$")
+# The table's own axes, shown anyway.
+AXES = ("method", "backbone", "dataset", "category")
+BACKBONE = re.compile(r"(^|\.)backbone\.(name|mean|std|available_levels)$")  # follow the backbone axis
+
+
+def _flatten(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        flat: dict[str, object] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else node}
+
+
 def load_runs(sweep_dir: Path) -> list[dict]:
+    """Every metrics.json under `sweep_dir`, with its run's config.yaml flattened under "config"."""
     runs = []
     for path in sorted(sweep_dir.rglob("metrics.json")):
+        if ".incomplete" in path.relative_to(sweep_dir).parts:
+            continue  # a failed or unfinished run's staging area
         record = json.loads(path.read_text())
+        if not all(field in record for field in AXES):
+            print(f"collect: skipped {path}: not an anomalib-lite run (no {', '.join(AXES)})", file=sys.stderr)
+            continue
         record["run_dir"] = str(path.parent)
+        config_path = path.parent / "config.yaml"
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+        record["config"] = {k: v for k, v in _flatten(config or {}).items() if not OUTPUT_SETTINGS.search(k)}
         runs.append(record)
     return runs
+
+
+def varying_settings(runs: list[dict]) -> list[str]:
+    """Config keys whose values differ between runs of the same table cell (method, dataset,
+    category): the sweep's own axes; settings interpolated from another one (dataset.seed from
+    seed) counted once; settings that only follow the category (its data root) left out."""
+    by_method: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_method[(run["method"], run["dataset"], run["category"])].append(run)
+    varying: dict[str, tuple] = {}
+    for group in by_method.values():
+        shared = set.intersection(*(set(run["config"]) for run in group))
+        for key in sorted(shared):
+            values = tuple(run["config"][key] for run in group)
+            if len(set(map(str, values))) > 1 and key.split(".")[-1] not in AXES and not BACKBONE.search(key):
+                varying[key] = varying.get(key, ()) + values
+    # One column per distinct pattern: the shortest name among keys that always move together.
+    chosen: dict[tuple, str] = {}
+    for key in sorted(varying, key=lambda k: (k.count("."), len(k), k)):
+        chosen.setdefault(varying[key], key)
+    return sorted(chosen.values())
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each key that no other key ends with."""
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        for size in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-size:])
+            if not any(other != key and (other == suffix or other.endswith("." + suffix)) for other in keys):
+                break
+        names[key] = suffix
+    return names
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def markdown_table(runs: list[dict], metric: str, rows: list[str] | None = None) -> str:
-    """Rows: method (and backbone when several) or the `rows` fields; columns: categories, then the mean."""
+def _field(run: dict, field: str) -> object:
+    return run[field] if field in run else run.get("config", {}).get(field)
+
+
+def row_keys(runs: list[dict], rows: list[str] | None = None) -> list[str]:
+    """One table row name per run: method (and backbone when several), then the settings that vary
+    (or the `rows` fields); the run folder is added where two runs would still share a cell."""
     several_backbones = len({r.get("backbone") for r in runs}) > 1
+    settings = varying_settings(runs) if rows is None else []
+    names = short_names(settings)
 
-    def row_key(run: dict) -> str:
+    def key(run: dict) -> str:
         if rows:
-            return " ".join(f"{field}={run.get(field)}" if field != "method" else str(run["method"]) for field in rows)
-        return f"{run['method']} ({run['backbone']})" if several_backbones else run["method"]
+            return " ".join(f"{field}={_field(run, field)}" if field != "method" else str(run["method"]) for field in rows)
+        head = f"{run['method']} ({run['backbone']})" if several_backbones else str(run["method"])
+        present = [f"{names[k]}={run['config'][k]}" for k in settings if k in run["config"]]
+        return " ".join([head, *present])
 
+    keys = [key(run) for run in runs]
+    seen = defaultdict(list)
+    for index, (name, run) in enumerate(zip(keys, runs)):
+        seen[(name, run.get("category"))].append(index)
+    for indices in seen.values():
+        if len(indices) > 1:
+            for index in indices:
+                keys[index] += f" [{Path(runs[index]['run_dir']).name}]"
+    return keys
+
+
+def markdown_table(runs: list[dict], metric: str, rows: list[str] | None = None) -> str:
+    """Rows: one per configuration (see `row_keys`); columns: categories, then the mean."""
     categories = sorted({r["category"] for r in runs})
     cells: dict[str, dict[str, float | None]] = defaultdict(dict)
-    for run in runs:
-        cells[row_key(run)][run["category"]] = run.get(metric)
+    for key, run in zip(row_keys(runs, rows), runs):
+        cells[key][run["category"]] = run.get(metric)
     lines = [f"| {metric} | " + " | ".join(categories) + " | mean |", "|---" * (len(categories) + 2) + "|"]
     for key in sorted(cells):
         values = [cells[key].get(c) for c in categories]
@@ -69,10 +156,13 @@ def markdown_table(runs: list[dict], metric: str, rows: list[str] | None = None)
 
 
 def write_csv(runs: list[dict], path: Path) -> None:
+    """Every run's row: the fixed columns, then one column per varying setting."""
+    settings = varying_settings(runs)
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=[*COLUMNS, *settings], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(runs)
+        for run in runs:
+            writer.writerow({**run, **{k: run["config"].get(k) for k in settings}})
 
 
 def main(argv: list[str] | None = None) -> int:

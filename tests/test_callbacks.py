@@ -30,6 +30,9 @@ class _Fitted:
 
 class _Trainer:
     world_size = 1
+    is_global_zero = True
+    global_step = 0
+    loggers: list = []
 
 
 def _batch(count: int, start: int) -> tuple:
@@ -58,7 +61,8 @@ def test_heatmaps_written_in_the_background_are_the_synchronous_renders(tmp_path
     callback.on_test_epoch_end(_Trainer(), _Fitted())
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
     assert written == [
-        "good/000_png.png", "good/002_png.png", "good/010_png.png", "hole/001_png.png", "hole/003_png.png", "hole/011_png.png"
+        "good/000_png.png", "good/002_png.png", "good/010_png.png", "grid.png",
+        "hole/001_png.png", "hole/003_png.png", "hole/011_png.png",
     ]
     batch, output = batches[0]
     anomalous = bool(output.pred_score[1] > 0.5)

@@ -62,3 +62,41 @@ def test_selection_study_says_when_a_metric_is_constant(tmp_path: Path) -> None:
     pairs = json.loads((tmp_path / "selection.json").read_text())["pairs"]
     assert pairs["val_synthetic_image_auroc ~ image_auroc"]["spearman"].startswith("undefined")
     assert pairs["val_synthetic_aupro ~ pixel_aupro"]["spearman"] == 1.0
+
+
+def _configured_run(root: Path, name: str, image_size: int, seed: int, score: float, method: str = "patchcore") -> None:
+    """A run folder as train.py leaves it: metrics.json beside the resolved config.yaml."""
+    _run(root, name, method=method, image_auroc=score, seed=seed)
+    config = (
+        f"seed: {seed}\npaths:\n  output_dir: {root / name}\n"
+        f"method:\n  _target_: x.{method}\n  coreset_sampler:\n    ratio: 0.1\n    seed: {seed}\n"
+        f"dataset:\n  category: bottle\n  image_size: {image_size}\n  seed: {seed}\n"
+        f"trainer:\n  default_root_dir: {root / name}\n"
+    )
+    (root / name / "config.yaml").write_text(config)
+
+
+def test_collect_keeps_every_run_of_a_sweep_over_a_setting(tmp_path: Path, capsys) -> None:
+    """A sweep over image size and seed (one category): four rows, each named by the settings that
+    vary (seed counted once though three keys follow it; output paths never count)."""
+    for index, (size, seed) in enumerate([(128, 0), (128, 1), (256, 0), (256, 1)]):
+        _configured_run(tmp_path, f"{index}", size, seed, score=0.5 + index / 10)
+    (tmp_path / "4" / ".incomplete").mkdir(parents=True)  # a failed run's staging area is no run
+    (tmp_path / "4" / ".incomplete" / "metrics.json").write_text("{}")
+    assert collect.main([str(tmp_path), "--metrics", "image_auroc"]) == 0
+    table = capsys.readouterr().out
+    for size, seed, score in [(128, 0, 0.5), (128, 1, 0.6), (256, 0, 0.7), (256, 1, 0.8)]:
+        assert f"| patchcore image_size={size} seed={seed} | {score:.3f} | {score:.3f} |" in table
+    assert table.count("| patchcore") == 4
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].endswith(",run_dir,dataset.image_size,seed")
+    assert rows[3].endswith(",256,0")
+
+
+def test_collect_tells_identical_runs_apart_by_folder(tmp_path: Path, capsys) -> None:
+    """Two runs of the same configuration share no cell: the folder names them."""
+    _configured_run(tmp_path, "first", 128, 0, score=0.5)
+    _configured_run(tmp_path, "again", 128, 0, score=0.9)
+    assert collect.main([str(tmp_path), "--metrics", "image_auroc"]) == 0
+    table = capsys.readouterr().out
+    assert "| patchcore [first] | 0.500 |" in table and "| patchcore [again] | 0.900 |" in table

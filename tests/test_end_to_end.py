@@ -18,6 +18,7 @@ import torch
 from conftest import TINY_DATA, compose_config, config_options
 from hydra.utils import get_class
 
+from anomalib_lite import predict
 from anomalib_lite.data import AnomalyDataset
 from anomalib_lite.data.samples import ImageResize, Sample
 from anomalib_lite.train import METRIC_KEYS, run
@@ -72,7 +73,8 @@ def test_fit_and_test_on_synthetic(method: str, fitted) -> None:
         written["test_seconds"], abs=0.02
     )
     assert (out / "config.yaml").is_file() and (out / "predictions.csv").is_file()
-    heatmaps = sorted((out / "heatmaps").rglob("*.png"))
+    heatmaps = sorted(p for p in (out / "heatmaps").rglob("*.png") if p.name != "grid.png")
+    assert (out / "heatmaps" / "grid.png").is_file()
     # Two per type (the cap), every type represented.
     assert {p.parent.name for p in heatmaps} == {"good", "scratch", "hole", "stain", "missing"} and len(heatmaps) == 10
     assert list((out / "logs").rglob("metrics.csv")), "the CSV logger got the metrics"
@@ -104,8 +106,26 @@ def test_checkpoint_restores_the_same_scores(method: str, fitted) -> None:
     with torch.no_grad():
         output = module(images)
     assert output.anomaly_map.shape == (4, *images.shape[-2:])
-    # predictions.csv holds 6 significant digits; batches of another size round convolutions differently.
+    # Batches of another size round convolutions differently.
     torch.testing.assert_close(output.pred_score, torch.tensor(scores), rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_predict_command_scores_as_the_run(method: str, fitted, tmp_path: Path) -> None:
+    """Every method's checkpoint alone scores a folder of images as the run scored them, in
+    batches of the run's size (convolutions over other batch sizes round differently). This is
+    what found CS-Flow's checkpoints loading permutations into the wrong scales (test_flows)."""
+    cfg, _, out = fitted(method)
+    scores = {row["image_path"]: float(row["score"]) for row in csv.DictReader((out / "predictions.csv").open())}
+    test_dir = Path(next(iter(scores))).parent.parent
+    arguments = [
+        str(out), str(test_dir), "--output", str(tmp_path), "--workers", "0", "--max-heatmaps", "1",
+        "--batch-size", str(cfg.dataset.batch_size),
+    ]
+    assert predict.main(arguments) == 0
+    predicted = {row["image_path"]: float(row["score"]) for row in csv.DictReader((tmp_path / "predictions.csv").open())}
+    assert predicted.keys() == scores.keys()
+    assert max(abs(predicted[p] - scores[p]) / max(abs(scores[p]), 1e-3) for p in scores) <= 1e-6
 
 
 @pytest.mark.parametrize("method", METHODS)

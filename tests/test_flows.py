@@ -241,3 +241,30 @@ def test_warmup_cosine_schedule_by_hand() -> None:
     assert rates[5] == pytest.approx(0.1 + (at_warmup_end - 0.1) * 0.5)  # linear half way through the warm-up
     assert rates[10] == pytest.approx(at_warmup_end) and rates[50] == pytest.approx(0.5)  # cosine from there on
     assert rates[99] == pytest.approx((1 + math.cos(math.pi * 0.99)) / 2)
+
+
+def test_cs_flow_state_dict_names_the_same_node_in_every_construction() -> None:
+    """FrEIA orders sibling nodes by object hash; the checkpoint must not depend on that order:
+    a flow rebuilt and loaded from another's state_dict computes the same z, also when the
+    state_dict holds the permutations in other slots (checkpoints written before the fix)."""
+
+    maps = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)]
+    torch.manual_seed(0)
+    source = cross_scale_flow(8, 2, 8, [3, 3], 3.0)
+    with torch.no_grad():
+        for parameter in source.parameters():
+            if parameter.is_floating_point():
+                parameter.normal_(0, 0.3)  # gains start at zero: every coupling would be the identity
+        expected, _ = source(maps)
+    state = source.state_dict()
+    scrambled = dict(state)
+    for key in ("module_list.1.perm", "module_list.1.perm_inv"):  # block 0: scale 0's and scale 2's swapped
+        other = key.replace("list.1.", "list.3.")
+        scrambled[key], scrambled[other] = state[other], state[key]
+    for loaded in (state, scrambled) * 3:
+        rebuilt = cross_scale_flow(8, 2, 8, [3, 3], 3.0)
+        rebuilt.load_state_dict(loaded)
+        with torch.no_grad():
+            result, _ = rebuilt(maps)
+        for a, b in zip(expected, result):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,19 +1,24 @@
-"""One PNG per test image: input | ground truth | anomaly-map overlay, on a per-run colour scale."""
+"""One PNG per test image: input | ground truth | anomaly-map overlay, on a per-run colour scale;
+and a grid of the test images that went most wrong, for the dashboards (TensorBoard, W&B)."""
 
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import os
 import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from scipy import ndimage
@@ -125,6 +130,65 @@ def _save_atomically(image: Image.Image, path: Path) -> None:
     image.save(temporary)
     os.replace(temporary, path)
 
+GRID_TAG = "test/heatmaps_worst_first"  # the grid's name in TensorBoard and W&B
+
+
+@dataclass(order=True)
+class _Tile:
+    """A test image that may go into the grid; ordered by how wrong its verdict is (`badness`)."""
+
+    badness: float
+    sequence: int  # ties: first seen first
+    score: float = field(compare=False)
+    label: int = field(compare=False)
+    name: str = field(compare=False)
+    image: torch.Tensor = field(compare=False)
+    mask: torch.Tensor | None = field(compare=False)
+    normalized: torch.Tensor = field(compare=False)
+
+
+def select_grid(normal: list[_Tile], anomalous: list[_Tile], threshold: float, size: int) -> list[tuple[_Tile, str]]:
+    """(tile, verdict) for up to `size` tiles: false positives (highest score first) and false
+    negatives (lowest first) alternately, then the correct verdicts closest to the threshold."""
+    normal = sorted(normal, key=lambda t: -t.score)
+    anomalous = sorted(anomalous, key=lambda t: t.score)
+    false_pos = [(t, "FALSE POSITIVE") for t in normal if t.score > threshold]
+    false_neg = [(t, "FALSE NEGATIVE") for t in anomalous if t.score <= threshold]
+    true_neg = [(t, "normal, correct") for t in normal if t.score <= threshold]
+    true_pos = [(t, "anomalous, correct") for t in anomalous if t.score > threshold]
+
+    def alternate(first: list, second: list) -> list:
+        pairs = itertools.zip_longest(first, second)
+        return [item for pair in pairs for item in pair if item is not None]
+
+    return (alternate(false_pos, false_neg) + alternate(true_neg, true_pos))[:size]
+
+
+def compose_grid(sheets: list[Image.Image], columns: int = 2) -> Image.Image:
+    """Sheets in rows of `columns`, each cell as large as the largest sheet."""
+    columns = max(1, min(columns, len(sheets)))
+    cell_w, cell_h = max(s.width for s in sheets), max(s.height for s in sheets)
+    rows = -(-len(sheets) // columns)
+    grid = Image.new("RGB", (columns * cell_w + (columns - 1) * 4, rows * cell_h + (rows - 1) * 4), (255, 255, 255))
+    for i, sheet in enumerate(sheets):
+        grid.paste(sheet, ((i % columns) * (cell_w + 4), (i // columns) * (cell_h + 4)))
+    return grid
+
+
+def log_image(trainer: L.Trainer, tag: str, image: Image.Image) -> list[str]:
+    """`image` to every logger that shows images (TensorBoard, W&B); the names of those that took it."""
+    taken = []
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, np.asarray(image), global_step=trainer.global_step, dataformats="HWC")
+            logger.experiment.flush()
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key=tag, images=[image], step=trainer.global_step)
+        else:
+            continue
+        taken.append(type(logger).__name__)
+    return taken
+
 
 class HeatmapExport(ReportingCallback):
     """Writes `<output_dir>/<defect_type>/<image stem>_<extension>.png` for up to `max_per_type` test images
@@ -134,27 +198,39 @@ class HeatmapExport(ReportingCallback):
     release the GIL for this work), so the test loop goes on with the next batch meanwhile; at the
     end of test the loop waits for what is left. `heatmap_seconds` in metrics.json is the time the
     loop spent on heatmaps (handing images over and that final wait).
+
+    With `grid_size` > 0, the test images whose verdicts went most wrong (worst false positives
+    and false negatives first, then the correct ones closest to the threshold; every test image
+    is a candidate, whatever `max_per_type`) are drawn into one grid: `<output_dir>/grid.png`,
+    and an image (`test/heatmaps_worst_first`) in TensorBoard and W&B when those log the run.
     """
 
     max_pending = 64  # images handed over but not yet written: bounds the memory they hold
 
     def __init__(
-        self, output_dir: str | Path, max_per_type: int | None = 30, colormap: str = "jet", workers: int = 1
+        self, output_dir: str | Path, max_per_type: int | None = 30, colormap: str = "jet", workers: int = 1,
+        grid_size: int = 16,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.max_per_type = max_per_type
         self.colormap = colormap
         self.workers = workers
+        self.grid_size = grid_size
         self._written: dict[str, int] = {}
         self._pending: deque[Future] = deque()
         self._executor: ThreadPoolExecutor | None = None
         self._loop_seconds = 0.0
+        # Grid candidates: min-heaps on badness, so the least wrong is dropped first.
+        self._normal: list[_Tile] = []
+        self._anomalous: list[_Tile] = []
+        self._seen = 0
 
     def report(self) -> dict[str, Any]:
         return {"heatmaps": str(self.output_dir), "heatmap_seconds": round(self._loop_seconds, 3)}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
         self._written, self._pending, self._loop_seconds = {}, deque(), 0.0
+        self._normal, self._anomalous, self._seen = [], [], 0
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="heatmaps")
 
     def on_test_batch_end(
@@ -169,6 +245,7 @@ class HeatmapExport(ReportingCallback):
         threshold = float(pl_module.image_threshold)
         scale = (float(pl_module.pixel_floor), float(pl_module.pixel_threshold))
         for i, defect_type in enumerate(batch.defect_type):
+            self._offer_to_grid(batch, i, float(scores[i]), normalized[i])
             if cap is not None and self._written.get(defect_type, 0) >= cap:
                 continue
             self._written[defect_type] = self._written.get(defect_type, 0) + 1
@@ -185,6 +262,46 @@ class HeatmapExport(ReportingCallback):
             self._pending.append(self._executor.submit(self._render_and_save, *job))
         self._loop_seconds += time.perf_counter() - start
 
+    def _offer_to_grid(self, batch: Batch, i: int, score: float, normalized: torch.Tensor) -> None:
+        if self.grid_size <= 0:
+            return
+        label = int(batch.label[i])
+        # Normal images are worse the higher they score, anomalous ones the lower.
+        badness = score if label == 0 else -score
+        heap = self._normal if label == 0 else self._anomalous
+        self._seen += 1
+        if len(heap) >= self.grid_size and badness <= heap[0].badness:
+            return
+        tile = _Tile(
+            badness, -self._seen, score, label, f"{batch.defect_type[i]}/{Path(batch.image_path[i]).name}",
+            batch.image[i].detach().cpu().clone(), batch.mask[i].detach().cpu().clone() if bool(batch.has_mask[i]) else None,
+            normalized.clone(),
+        )
+        (heapq.heappush if len(heap) < self.grid_size else heapq.heappushpop)(heap, tile)
+
+    def _write_grid(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
+        normal, anomalous = self._normal, self._anomalous
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, (normal, anomalous))
+            normal = [t for ranked in gathered for t in ranked[0]]
+            anomalous = [t for ranked in gathered for t in ranked[1]]
+        if not trainer.is_global_zero or not (normal or anomalous):
+            return
+        threshold = float(pl_module.image_threshold)
+        scale = (float(pl_module.pixel_floor), float(pl_module.pixel_threshold))
+        sheets = [
+            render_heatmap(
+                tile.image, tile.mask, tile.normalized, tile.name, f"{verdict}: score {tile.score:.3g}, threshold {threshold:.3g}",
+                colormap=self.colormap, scale=scale, anomalous=tile.score > threshold,
+            )
+            for tile, verdict in select_grid(normal, anomalous, threshold, self.grid_size)
+        ]
+        grid = compose_grid(sheets)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _save_atomically(grid, self.output_dir / "grid.png")
+        log_image(trainer, GRID_TAG, grid)
+
     def _render_and_save(self, image, mask, normalized, title, score_text, scale, anomalous, path: Path) -> None:  # noqa: ANN001
         sheet = render_heatmap(
             image, mask, normalized, title, score_text, colormap=self.colormap, scale=scale, anomalous=anomalous
@@ -200,4 +317,6 @@ class HeatmapExport(ReportingCallback):
         finally:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        self._write_grid(trainer, pl_module)
+        self._normal, self._anomalous = [], []
         self._loop_seconds += time.perf_counter() - start

@@ -82,4 +82,4 @@ class AnomalyMetrics(ReportingCallback):
             writer.writerow(["image_path", "defect_type", "label", "score", "predicted_anomalous"])
             for index, label, score in zip(gathered["index"].tolist(), gathered["label"].tolist(), gathered["score"].tolist()):
                 sample = samples[index]
-                writer.writerow([str(sample.image_path), sample.defect_type, int(label), f"{score:.6g}", int(score > threshold)])
+                writer.writerow([str(sample.image_path), sample.defect_type, int(label), f"{score:.9g}", int(score > threshold)])

@@ -115,7 +115,7 @@ class ImageInfo:
 def read_image(path: Path) -> Image.Image | np.ndarray:
     """An 8-bit RGB Pillow image, or float32 H x W x 3 in [0, 1] for deeper data (see module docstring).
 
-    8-bit files stay in Pillow so that resizing is the same uint8 operation as always.
+    Both become the same floats in `ImageResize.to_tensor` (8-bit v and 16-bit 257 v alike).
     """
     decoded = _decode(path)
     if isinstance(decoded, Image.Image):

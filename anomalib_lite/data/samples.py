@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -37,7 +38,10 @@ def list_images(directory: Path) -> list[Path]:
 
 
 class ImageResize:
-    """Resize to `image_size`, then optionally center-crop to `crop_size` (the papers' 256 -> 224)."""
+    """Resize to `image_size`, then optionally center-crop to `crop_size` (the papers' 256 -> 224).
+
+    Images: `to_tensor` / `resize_batch` (float, torch); masks: `__call__` (Pillow, nearest).
+    """
 
     def __init__(self, image_size: int | Sequence[int], crop_size: int | Sequence[int] | None = None) -> None:
         self.size = _pair(image_size)
@@ -57,20 +61,34 @@ class ImageResize:
             image = image.crop((left, top, left + self.crop[1], top + self.crop[0]))
         return image
 
+    def resize_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """B x C x H x W float -> resized (antialiased bilinear, Pillow's filter) and cropped.
+
+        The one image resize: the data sets and the model's forward() both use it, so a picture
+        scores the same from an 8-bit file, a 16-bit file or a tensor.
+        """
+        if tuple(images.shape[-2:]) != self.size:
+            images = F.interpolate(images, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        if self.crop:
+            top, left = (self.size[0] - self.crop[0]) // 2, (self.size[1] - self.crop[1]) // 2
+            images = images[..., top : top + self.crop[0], left : left + self.crop[1]]
+        return images
+
+    def settings(self) -> dict[str, list[int] | None]:
+        """What rebuilds this resize: `ImageResize(**settings)` (a checkpoint stores it)."""
+        return {"image_size": list(self.size), "crop_size": list(self.crop) if self.crop else None}
+
     def to_tensor(self, image: Image.Image | np.ndarray) -> torch.Tensor:
         """An 8-bit RGB image or a float H x W x 3 array in [0, 1] -> 3 x H' x W' float in [0, 1].
 
-        Float data is resized channel by channel as 32-bit float images, with the same filter.
+        Values become floats in [0, 1] before resizing (no rounding back to 8 bits), as in
+        `forward()`: 8-bit v and 16-bit 257 v are the same float, hence the same input.
         """
         if isinstance(image, Image.Image):
-            resized = np.asarray(self(image, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+            tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255
         else:
-            channels = [
-                np.asarray(self(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F"), Image.Resampling.BILINEAR))
-                for c in range(image.shape[-1])
-            ]
-            resized = np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
-        return torch.from_numpy(np.ascontiguousarray(resized, dtype=np.float32)).permute(2, 0, 1).contiguous()
+            tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+        return self.resize_batch(tensor.unsqueeze(0))[0].clamp(0, 1).contiguous()
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:

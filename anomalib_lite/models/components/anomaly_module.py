@@ -37,6 +37,7 @@ from torch import nn
 
 from anomalib_lite import metrics
 from anomalib_lite.data.batch import Batch
+from anomalib_lite.data.samples import ImageResize
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.anomaly_map import AnomalyOutput
 from anomalib_lite.models.components.interfaces import AnomalyModel, MemoryBankModel, TrainableModel
@@ -66,6 +67,8 @@ class AnomalyModule(L.LightningModule):
         self.register_buffer("pixel_floor", torch.tensor(nan))
         self.validation_results: dict[str, float | None] = {}
         self._val_rows: dict[str, list[torch.Tensor]] = {}
+        # The run's resize and crop: set by the run, stored in the checkpoint, applied by forward().
+        self.image_resize: ImageResize | None = None
 
     def build_model(self, backbone: Mapping[str, Any] | None, **model_args: Any) -> AnomalyModel:
         """The torch model: `model_class` with the config's arguments (and the backbone, if any)."""
@@ -81,7 +84,49 @@ class AnomalyModule(L.LightningModule):
         return {}
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        return self.model(images)
+        """Score images as the run scored its test images (the Python API).
+
+        `images`: B x 3 x H x W or 3 x H x W RGB, uint8 or float in [0, 1], of any size: they are
+        resized and cropped as in the run (`image_resize`, from the checkpoint); the backbone's
+        normalisation is part of the torch model. Maps come at the model's input size (after crop).
+        """
+        return self.model(self.preprocess(images))
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Checked, resized, float in [0, 1] on the model's device; see `forward`."""
+        if not isinstance(images, torch.Tensor):
+            raise UserInputError(f"images must be a torch.Tensor (B x 3 x H x W), got {type(images).__name__}")
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4 or images.shape[1] != 3:
+            hint = (
+                "; channels last? use images.permute(0, 3, 1, 2)" if images.ndim == 4 and images.shape[-1] == 3
+                else "; a grey image: images.expand(-1, 3, -1, -1)" if images.ndim == 4 and images.shape[1] == 1 else ""
+            )
+            raise UserInputError(f"images must be RGB, B x 3 x H x W or 3 x H x W; got shape {tuple(images.shape)}{hint}")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise UserInputError(f"images must be uint8 (0-255) or float in [0, 1], got {images.dtype}")
+        if images.is_floating_point() and images.numel():
+            low, high = float(images.min()), float(images.max())
+            if low < 0 or high > 1:
+                raise UserInputError(
+                    f"float images must lie in [0, 1], got values from {low:.4g} to {high:.4g}: divide 0-255 data by "
+                    "255 or pass it as uint8 (ImageNet-normalised input is normalised again by the model: pass raw images)"
+                )
+        images = images.to(self.device)
+        images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return self.image_resize.resize_batch(images) if self.image_resize is not None else images
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What a checkpoint needs beyond the weights to be used alone (`anomalib_lite.predict`).
+        checkpoint["anomalib_lite"] = {
+            "method_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "preprocessing": self.image_resize.settings() if self.image_resize is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        settings = checkpoint.get("anomalib_lite", {}).get("preprocessing")
+        self.image_resize = ImageResize(**settings) if settings else None
 
     # -- validation: thresholds from normal images, selection metrics from synthetic anomalies ---
     def on_validation_epoch_start(self) -> None:

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, TrainableModel
 from anomalib_lite.models.components.flows import gaussian_log_likelihood
@@ -38,7 +40,27 @@ def cross_scale_flow(
             nodes.append(permute)
             outputs.append(permute.out0)
     nodes += [Ff.OutputNode(out, name=f"z{i}") for i, out in enumerate(outputs)]
-    return Ff.GraphINN(nodes)
+    flow = Ff.GraphINN(nodes)
+    # FrEIA's topological sort orders sibling nodes (the three permutations after a coupling) by
+    # object hash, so `module_list`, which names the state_dict entries, came out in another
+    # order in every construction, and a checkpoint loaded one scale's permutation into another's
+    # node. Registered in build order, the names mean the same node every time.
+    flow.module_list = nn.ModuleList(node.module for node in nodes if node.module is not None)
+    # Checkpoints written before that hold their permutations in arbitrary slots; the permutations
+    # are constants of their seeds, so they are restored from the seeds after every load.
+    permutations = [(node.module, 3 * block + scale) for node in nodes if node.name.startswith("permute")
+                    for block, scale in [map(int, node.name.removeprefix("permute").split("_"))]]
+    flow.register_load_state_dict_post_hook(lambda module, keys: _reset_permutations(permutations))
+    return flow
+
+
+def _reset_permutations(permutations: list[tuple[Fm.PermuteRandom, int]]) -> None:
+    with torch.no_grad():
+        for module, seed in permutations:
+            # FrEIA's own draw: np.random.seed(seed); np.random.permutation(channels).
+            order = torch.from_numpy(np.random.RandomState(seed).permutation(module.in_channels))
+            module.perm.copy_(order)
+            module.perm_inv.copy_(torch.argsort(order))
 
 
 class CsFlowModel(TrainableModel):
