@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from anomalib_lite.callbacks.heatmaps import heatmap_name, render_heatmap
 from anomalib_lite.data.batch import Batch, collate_items
-from anomalib_lite.data.samples import IMAGE_EXTENSIONS, AnomalyDataset, ImageResize, Sample
+from anomalib_lite.data.samples import IMAGE_EXTENSIONS, AnomalyDataset, ImageResize, Sample, is_image_file
 from anomalib_lite.errors import UserInputError, find_user_error, one_line
 from anomalib_lite.models.components import AnomalyModule
+from anomalib_lite.run_dir import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,7 @@ def list_image_files(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
         elif given.is_dir():
             for file in sorted(given.rglob("*")):
                 relative = file.relative_to(given)
-                if (
-                    file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS and not file.stem.endswith("_mask")
-                    and not any(part.startswith(".") for part in relative.parts)
-                ):
+                if file.is_file() and is_image_file(file) and not any(part.startswith(".") for part in relative.parts):
                     found.append((file, relative.parent.as_posix() if relative.parent != Path(".") else ""))
         else:
             raise UserInputError(f"no such image folder or file: {given}")
@@ -134,12 +132,8 @@ def predict_batches(
 def _prepare_output(output: Path, overwrite: bool) -> None:
     if (output / "predictions.csv").exists() and not overwrite:
         raise UserInputError(f"{output} already holds predictions.csv: pass --overwrite to replace it, or --output another folder")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / ".write_test").touch()
-        (output / ".write_test").unlink()
-    except OSError as error:
-        raise UserInputError(f"cannot write to --output {output}: {error.strerror or error}") from None
+    check_writable(output, "--output")
+    output.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(output / "heatmaps", ignore_errors=True)
 
 

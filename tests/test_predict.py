@@ -120,6 +120,7 @@ def test_predict_default_output_is_inside_the_run(resized_run: Path, tmp_path: P
         (["{tmp}/bad.ckpt", "{tmp}/broken"], "cannot read checkpoint {tmp}/bad.ckpt"),
         (["{run}", "{tmp}/broken", "--output", "{tmp}/out"], "cannot read image {tmp}/broken/cut.png"),
         (["{run}", "{tmp}/empty", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["{run}", "{tmp}/broken", "--output", "/proc/predictions"], "--output: /proc/predictions cannot be created"),
     ],
 )
 def test_predict_mistakes_are_one_line(resized_run: Path, tmp_path: Path, capsys, arguments: list[str], line: str) -> None:

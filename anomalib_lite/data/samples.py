@@ -27,14 +27,16 @@ class Sample:
     mask_path: Path | None = None
 
 
+def is_image_file(path: Path) -> bool:
+    """An image by its extension, not a mask (`*_mask`) and not hidden."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.stem.endswith("_mask") and not path.name.startswith(".")
+
+
 def list_images(directory: Path) -> list[Path]:
     """Image files directly in `directory`, sorted by name (masks excluded)."""
     if not directory.is_dir():
         return []
-    return sorted(
-        p for p in directory.iterdir()
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.stem.endswith("_mask") and not p.name.startswith(".")
-    )
+    return sorted(p for p in directory.iterdir() if is_image_file(p))
 
 
 class ImageResize:
