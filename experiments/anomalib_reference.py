@@ -69,8 +69,8 @@ def lite0_feature_weights() -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(("conv_head", "bn2", "classifier"))}
 
 
-def build_model(method: str, normalization: str, n_features: int):
-    from anomalib.models import Cflow, Fastflow, Padim, Patchcore
+def build_model(method: str, normalization: str, n_features: int, image_size: int | None = None):
+    from anomalib.models import Cflow, Draem, Fastflow, Padim, Patchcore
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import CenterCrop, Compose, Resize
 
@@ -79,6 +79,12 @@ def build_model(method: str, normalization: str, n_features: int):
     )
     evaluator = build_evaluator()
     common = {"pre_processor": pre_processor, "evaluator": evaluator, "visualizer": False}
+    if method == "draem":
+        # DRAEM: its own networks (widths fixed at 128 / 64), inputs in [0, 1] (no Normalize: anomalib
+        # refuses one), resized to image_size x image_size; the same DTD subset as ours.
+        size = image_size or 256
+        pre_processor = PreProcessor(transform=Compose([Resize((size, size), antialias=True)]))
+        return Draem(dtd_dir=SHARED / "dtd_subset", pre_processor=pre_processor, evaluator=evaluator, visualizer=False)
     if method == "fastflow_resnet18_random":
         # anomalib's FastFlow takes only resnet18 / wide_resnet50_2 / cait / deit: random init here.
         return Fastflow(backbone="resnet18", pre_trained=False, **common)
@@ -156,12 +162,17 @@ def raw_prediction_dump():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("method", choices=["padim", "patchcore", "cflow", "fastflow_resnet18_random"])
+    parser.add_argument("method", choices=["padim", "patchcore", "cflow", "fastflow_resnet18_random", "draem"])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mvtec")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--normalization", choices=sorted(NORMALIZATION), default="half")
     parser.add_argument("--n-features", type=int, default=176, help="PaDiM's random channel subset")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=None, help="DRAEM's input size (default 256)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (DRAEM's paper: 8)")
+    parser.add_argument(
+        "--limit-train-batches", type=int, default=None, help="train on this many batches per epoch (timing only)"
+    )
     parser.add_argument(
         "--presize", type=int, default=None,
         help="read a copy resized to N x N with PIL as ours does first (256): same pixels and masks as ours",
@@ -194,9 +205,11 @@ def main() -> None:
         replace_coreset_selection(args.coreset)
     folder, category = DATASETS[args.dataset]
     root = png_copy(SHARED / folder, category, args.cache, args.presize)
-    datamodule = MVTecAD(root=root, category=category, train_batch_size=32, eval_batch_size=32, num_workers=2)
-    model = build_model(args.method, args.normalization, args.n_features)
+    datamodule = MVTecAD(root=root, category=category, train_batch_size=args.batch_size, eval_batch_size=32, num_workers=2)
+    model = build_model(args.method, args.normalization, args.n_features, args.image_size)
     name = f"{args.method}_{args.dataset}_{args.normalization}_s{args.seed}_e{args.epochs}"
+    name += f"_{args.image_size}px" if args.image_size else ""
+    name += f"_{args.limit_train_batches}batches" if args.limit_train_batches else ""
     name += f"_presize{args.presize}" if args.presize else ""
     name += f"_shuffled{args.shuffle_test}" if args.shuffle_test is not None else ""
     name += "_retest" if args.checkpoint else ""  # beside the fitting run's folder, not over it
@@ -215,7 +228,7 @@ def main() -> None:
     timer = EpochTimer()  # the same measurement as our runs: training epoch only, no validation
     engine = Engine(
         max_epochs=args.epochs, accelerator="cpu", devices=1, default_root_dir=out, logger=False,
-        callbacks=[timer] + ([dump] if dump else []),
+        callbacks=[timer] + ([dump] if dump else []), limit_train_batches=args.limit_train_batches,
     )
     start = time.perf_counter()
     if args.checkpoint is None:
@@ -239,6 +252,9 @@ def main() -> None:
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "shuffle_test": args.shuffle_test,
         "coreset": args.coreset,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "limit_train_batches": args.limit_train_batches,
     }
     out.mkdir(parents=True, exist_ok=True)
     if dump:

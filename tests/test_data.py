@@ -134,9 +134,10 @@ def test_few_shot_keeps_k_seeded_training_images(synthetic_root) -> None:
 def test_cut_blend_synthesis_is_seeded_and_its_masks_are_exact() -> None:
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     sources = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    out_a, masks_a = CutBlendSynthesizer(seed=3)(images, sources)
-    out_b, masks_b = CutBlendSynthesizer(seed=3)(images, sources)
-    out_c, _ = CutBlendSynthesizer(seed=4)(images, sources)
+    out_a, masks_a, has_a = CutBlendSynthesizer(seed=3)(images, sources)
+    out_b, masks_b, _ = CutBlendSynthesizer(seed=3)(images, sources)
+    out_c, _, _ = CutBlendSynthesizer(seed=4)(images, sources)
+    assert has_a.tolist() == [True] * 4
     assert torch.equal(out_a, out_b) and torch.equal(masks_a, masks_b) and not torch.equal(out_a, out_c)
     assert masks_a.shape == (4, 32, 32) and set(masks_a.unique().tolist()) == {0.0, 1.0}
     outside = (masks_a == 0).unsqueeze(1).expand_as(images)
@@ -150,7 +151,7 @@ def test_cut_blend_pastes_a_crop_of_the_source_with_its_size_and_opacity() -> No
     images = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))
     sources = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(1))
     synthesizer = CutBlendSynthesizer(num_patches=(1, 1), patch_fraction=(0.2, 0.4), opacity=(1.0, 1.0), seed=0)
-    out, masks = synthesizer(images, sources)
+    out, masks, _ = synthesizer(images, sources)
     for index in range(2):
         rows, cols = torch.nonzero(masks[index], as_tuple=True)
         top, left = int(rows.min()), int(cols.min())
@@ -166,7 +167,7 @@ def test_cut_blend_pastes_a_crop_of_the_source_with_its_size_and_opacity() -> No
         assert found
     # Opacity 0.5: 2 * out - image is the source crop (a blend, not a paste).
     half = CutBlendSynthesizer(num_patches=(1, 1), patch_fraction=(0.2, 0.4), opacity=(0.5, 0.5), seed=0)
-    out, masks = half(images, sources)
+    out, masks, _ = half(images, sources)
     rows, cols = torch.nonzero(masks[0], as_tuple=True)
     top, left, height, width = int(rows.min()), int(cols.min()), int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
     recovered = 2 * out[0, :, top : top + height, left : left + width] - images[0, :, top : top + height, left : left + width]

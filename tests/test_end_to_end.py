@@ -35,6 +35,11 @@ TINY = {
     "cflow": ["trainer.max_epochs=4", "method.fiber_batch_size=64"],
     "cs_flow": ["trainer.max_epochs=4", "method.hidden_channels=32"],
     "ss_flow": ["trainer.max_epochs=4", "method.flow_steps=4"],
+    # Narrow networks, small images and more, smaller steps: DRAEM learns from its synthetic anomalies slowly.
+    "draem": [
+        "trainer.max_epochs=30", "dataset.image_size=64", "dataset.batch_size=4", "method.reconstruction_width=8",
+        "method.discriminative_width=16", "method.optimizers.model.lr=2e-3",
+    ],
 }
 TRAINED_DEFAULT = ["trainer.max_epochs=3"]
 # (image AUROC, pixel AUROC, AUPRO) a working method reaches on the obvious synthetic defects.

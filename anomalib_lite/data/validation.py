@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from hydra.utils import instantiate
 from torch.utils.data import Dataset
 
-from anomalib_lite.data.anomaly_synthesis import CutBlendSynthesizer
+from anomalib_lite.data.anomaly_synthesis import CutBlendSynthesizer, PerlinSynthesizer
 from anomalib_lite.data.batch import Item
 from anomalib_lite.data.samples import AnomalyDataset, ImageResize, Sample
 
@@ -24,9 +25,12 @@ SYNTHETIC_DEFECT_TYPE = "synthetic"
 class ValidationSet(Dataset):
     """Items 2i: held-out normal image i; items 2i + 1: image i with a synthetic anomaly.
 
-    Interleaved, so every validation batch holds both kinds. The anomaly of image i is cut from
-    held-out image i + 1 (from itself when there is only one) by a `CutBlendSynthesizer` reseeded
-    with (seed, i): the same synthetic set in every epoch, run and DDP layout. Decoded images are
+    Interleaved, so every validation batch holds both kinds. `synthesis` are the synthesiser's
+    arguments: by default a `CutBlendSynthesizer`'s (the anomaly of image i is cut from held-out
+    image i + 1, from itself when there is only one); with a `_target_` any synthesiser of
+    `anomaly_synthesis` (e.g. `PerlinSynthesizer`, DRAEM's textures in Perlin-shaped regions,
+    always with an anomaly: `anomaly_probability` 1, empty masks redrawn). It is reseeded with
+    (seed, i): the same synthetic set in every epoch, run and DDP layout. Decoded images are
     kept in memory (up to `cache_bytes`), since validation repeats after every training epoch.
     `synthesis=None` leaves only the normal images.
     """
@@ -40,7 +44,7 @@ class ValidationSet(Dataset):
         cache_bytes: int = 1 << 30,
     ) -> None:
         self.images = AnomalyDataset(samples, resize)
-        self.synthesizer = CutBlendSynthesizer(**synthesis) if synthesis is not None else None
+        self.synthesizer = validation_synthesizer(synthesis)
         self.seed = seed
         self.cache_bytes = cache_bytes
         self._cache: dict[int, torch.Tensor] = {}
@@ -69,9 +73,23 @@ class ValidationSet(Dataset):
         image = self._image(normal_index)
         if not synthetic:
             return Item(image, torch.zeros(image.shape[1:]), 0, index, "good", str(sample.image_path), True)
-        source = self._image((normal_index + 1) % len(self.images))
+        source = self._image((normal_index + 1) % len(self.images)).unsqueeze(0)
         self.synthesizer.reseed(self.seed * 1_000_003 + normal_index)
-        anomalous, mask = self.synthesizer(image.unsqueeze(0), source.unsqueeze(0))
+        anomalous, mask, _ = self.synthesizer(image.unsqueeze(0), source if self.synthesizer.takes_image_sources else None)
         return Item(
             anomalous[0], mask[0], 1, index, SYNTHETIC_DEFECT_TYPE, f"{sample.image_path}#synthetic", True
         )
+
+
+def validation_synthesizer(synthesis: dict | None) -> CutBlendSynthesizer | PerlinSynthesizer | None:
+    """The validation view's synthesiser from the dataset's `val_synthesis` (see `ValidationSet`)."""
+    if synthesis is None:
+        return None
+    if "_target_" not in synthesis:
+        return CutBlendSynthesizer(**synthesis)
+    settings = dict(synthesis)
+    target = settings.pop("_target_")
+    if target.endswith("PerlinSynthesizer"):
+        # Every synthetic validation image is labelled anomalous: it must hold an anomaly.
+        settings = {**settings, "anomaly_probability": 1.0, "redraw_empty_masks": True, "rotate_probability": 0.0}
+    return instantiate({"_target_": target, **settings})

@@ -9,12 +9,22 @@ from anomalib_lite.models.components.coreset import (
     greedy_coreset,
     random_projection,
 )
-from anomalib_lite.models.components.feature_extractor import FeatureExtractor, create_backbone, level_stride
-from anomalib_lite.models.components.interfaces import AnomalyModel, MemoryBankModel, TrainableModel
+from anomalib_lite.models.components.feature_extractor import (
+    FeatureExtractor,
+    ImageEncoder,
+    create_backbone,
+    level_stride,
+)
+from anomalib_lite.models.components.interfaces import (
+    AnomalyModel,
+    FittedOnEmbeddings,
+    MemoryBankModel,
+    TrainableModel,
+)
 from anomalib_lite.models.components.nearest_neighbors import nearest_neighbors
 
 __all__ = [
-    "AnomalyModel", "AnomalyModule", "AnomalyOutput", "FeatureExtractor", "GreedyCoresetSampler",
+    "AnomalyModel", "AnomalyModule", "AnomalyOutput", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
     "MemoryBankModel", "MemoryBankModule", "ResizableBuffersMixin", "TrainableModel", "TrainedModule",
     "coverage_radius", "create_backbone", "greedy_coreset", "level_stride", "nearest_neighbors",
     "random_projection", "smooth_anomaly_map",

@@ -40,7 +40,12 @@ from anomalib_lite.data.batch import Batch
 from anomalib_lite.data.samples import ImageResize
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.anomaly_map import AnomalyOutput
-from anomalib_lite.models.components.interfaces import AnomalyModel, MemoryBankModel, TrainableModel
+from anomalib_lite.models.components.interfaces import (
+    AnomalyModel,
+    FittedOnEmbeddings,
+    MemoryBankModel,
+    TrainableModel,
+)
 from anomalib_lite.schema import PositiveInt
 from anomalib_lite.utils.distributed import gather_samples
 
@@ -245,6 +250,8 @@ class TrainedModule(AnomalyModule):
     After every epoch `val_loss` (the torch model's loss on the held-out normal images) is
     measured; the run keeps the weights of the epoch with the best `best_epoch_monitor` (a
     Lightning `ModelCheckpoint` this module adds itself) and tests those, not the last epoch's.
+    A method may monitor a label-free `val_synthetic_*` metric instead (without a synthetic
+    validation view, `dataset.val_synthesis: null`, it falls back to `val_loss`).
     An explicit `trainer.max_epochs` overrides `epochs`.
     """
 
@@ -290,6 +297,10 @@ class TrainedModule(AnomalyModule):
 
     def configure_callbacks(self) -> list[Callback]:
         monitor, mode = self.best_epoch_monitor
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if monitor.startswith("val_synthetic_") and getattr(datamodule, "val_synthesis", True) is None:
+            log.info("dataset.val_synthesis is null: the best epoch is chosen by val_loss instead of %s", monitor)
+            monitor, mode = "val_loss", "min"
         return [
             ModelCheckpoint(
                 dirpath=Path(self.trainer.default_root_dir) / "checkpoints", filename="best_epoch", monitor=monitor,
@@ -323,16 +334,20 @@ class TrainedModule(AnomalyModule):
     def build_scheduler(self, name: str, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The configured scheduler of optimiser `name`, as Lightning's lr_scheduler config (or None).
 
-        A scheduler factory with a `total_steps` argument the spec leaves out gets the run's number
-        of training batches (e.g. `schedules.warmup_cosine`).
+        A scheduler factory with a `total_steps` (`total_epochs`) argument the spec leaves out gets
+        the run's number of training batches (epochs): e.g. `schedules.warmup_cosine`,
+        `schedules.multistep_at_fractions`.
         """
         if name not in self.scheduler_specs:
             return None
         spec = {**self.scheduler_specs[name], "_partial_": True}
         interval = spec.pop("interval", "epoch")
         factory = instantiate(spec)
-        if "total_steps" in inspect.signature(factory).parameters and "total_steps" not in spec:
+        parameters = inspect.signature(factory).parameters
+        if "total_steps" in parameters and "total_steps" not in spec:
             factory = functools.partial(factory, total_steps=int(self.trainer.estimated_stepping_batches))
+        if "total_epochs" in parameters and "total_epochs" not in spec:
+            factory = functools.partial(factory, total_epochs=int(self.trainer.max_epochs))
         return {"scheduler": factory(optimizer), "interval": interval}
 
     def configure_optimizers(self) -> list[dict[str, Any]]:
@@ -396,6 +411,29 @@ class TrainedModule(AnomalyModule):
             if key != "loss":
                 self.log(f"train_{key}", value, on_step=False, on_epoch=True, batch_size=size)
         return terms["loss"]
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        if isinstance(self.model, FittedOnEmbeddings) and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.fit_on_training_images()
+
+    @torch.no_grad()
+    def fit_on_training_images(self) -> None:
+        """Embed every training image with the current weights (eval mode) and fit the model on them.
+
+        Under DDP each rank embeds its share; the embeddings are gathered in dataset order, so
+        every rank fits the same model as a single process would.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        embeddings, indices = [], []
+        for batch in self.trainer.train_dataloader:
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            embeddings.append(self.model.embed(batch.image))
+            indices.append(batch.index.to(self.device))
+        gathered = gather_samples(self, {"embedding": torch.cat(embeddings)}, torch.cat(indices))
+        self.model.fit(gathered["embedding"])
+        self.model.train(was_training)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)

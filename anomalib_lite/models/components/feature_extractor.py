@@ -267,3 +267,28 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         normalized = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         return dict(zip(self.levels, self.backbone(normalized)))
+
+
+class ImageEncoder(nn.Module):
+    """A trainable timm backbone: images in [0, 1] -> globally average-pooled features (B x D).
+
+    For methods that train or fine-tune their encoder (CutPaste): the backbone's normalisation is
+    applied inside, as in `FeatureExtractor`; `weights` as there (`offline`, `hub`, `none`, a path).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        weights: str = "offline",
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        available_levels: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = create_backbone(name, weights, num_classes=0)  # num_classes=0: pooled features
+        self.out_features = int(self.backbone.num_features)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images - self.mean) / self.std)

@@ -21,8 +21,9 @@ class AnomalyModel(nn.Module, ABC):
     def forward(self, images: torch.Tensor) -> AnomalyOutput: ...
 
 
-class MemoryBankModel(AnomalyModel):
-    """Fitted in one pass, without gradients (PatchCore, PaDiM): embed every training image, then fit."""
+class FittedOnEmbeddings(ABC):
+    """Part of the model is fitted to the embeddings of every normal training image (a memory bank,
+    Gaussians, a density), in one pass without gradients."""
 
     @abstractmethod
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -33,8 +34,17 @@ class MemoryBankModel(AnomalyModel):
         """Build the model (memory bank, Gaussians, ...) from every training image's embedding, in dataset order."""
 
 
+class MemoryBankModel(AnomalyModel, FittedOnEmbeddings):
+    """Fitted in one pass, without gradients (PatchCore, PaDiM): embed every training image, then fit."""
+
+
 class TrainableModel(AnomalyModel):
-    """Fitted by gradient descent on normal images."""
+    """Fitted by gradient descent on normal images.
+
+    A trained model that scores by a density or memory fitted on its own embeddings (CutPaste's
+    Gaussian) also subclasses `FittedOnEmbeddings`: it is refitted on the training images before
+    every validation, so each epoch is scored (and a checkpoint saved) with its own fit.
+    """
 
     @abstractmethod
     def loss(self, images: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, MultiStepLR
 
 
 def warmup_cosine(
@@ -34,3 +34,24 @@ def warmup_cosine(
         return cosine(step)
 
     return LambdaLR(optimizer, factor)
+
+
+def multistep_at_fractions(
+    optimizer: torch.optim.Optimizer,
+    total_epochs: int,
+    fractions: tuple[float, ...] = (0.8, 0.9),
+    gamma: float = 0.2,
+) -> MultiStepLR:
+    """torch's MultiStepLR with milestones at `fractions` of the run's epochs (per-epoch interval).
+
+    The DRAEM authors' schedule (x0.2 at 80 % and 90 % of the epochs): it follows
+    `method.epochs` (or `trainer.max_epochs`) instead of fixed epoch numbers.
+    """
+    milestones = sorted({max(1, round(fraction * total_epochs)) for fraction in fractions})
+    return MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+
+
+def cosine(optimizer: torch.optim.Optimizer, total_steps: int, final_ratio: float = 0.0) -> CosineAnnealingLR:
+    """torch's cosine annealing from lr to `final_ratio` x lr over the whole run (`interval: step`)."""
+    base = optimizer.param_groups[0]["lr"]
+    return CosineAnnealingLR(optimizer, T_max=max(1, total_steps), eta_min=final_ratio * base)

@@ -31,6 +31,6 @@ class SsFlow(TrainedModule):
         self.synthesizer.reseed(self.synthesis_seed + self.global_rank)
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        anomalous, masks = self.synthesizer(batch.image)
+        anomalous, masks, _ = self.synthesizer(batch.image)
         loss, hinge = self.model.self_supervised_loss(batch.image, anomalous, masks)
         return {"loss": loss, "anomaly_hinge": hinge}
