@@ -37,8 +37,9 @@ TINY = {
     "ss_flow": ["trainer.max_epochs=4", "method.flow_steps=4"],
     # Narrow networks, small images and more, smaller steps: DRAEM learns from its synthetic anomalies slowly.
     "draem": [
-        "trainer.max_epochs=30", "dataset.image_size=64", "dataset.batch_size=4", "method.reconstruction_width=8",
-        "method.discriminative_width=16", "method.optimizers.model.lr=2e-3",
+        # (pixel AUROC 0.92 / 0.85 / 0.85 over seeds 0-2; widths 8 / 16 at lr 2e-3 ranged 0.42-0.83).
+        "trainer.max_epochs=30", "dataset.image_size=64", "dataset.batch_size=4", "method.reconstruction_width=16",
+        "method.discriminative_width=16", "method.optimizers.model.lr=1e-3",
     ],
 }
 TRAINED_DEFAULT = ["trainer.max_epochs=3"]

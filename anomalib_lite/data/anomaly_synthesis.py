@@ -150,8 +150,9 @@ def rotate_images(
     if not bool(chosen.any()):
         return images
     rotated = images.clone()
-    rotated[chosen] = kornia.geometry.transform.rotate(
-        images[chosen], angles[chosen].to(images), padding_mode="zeros"
+    on_device = chosen.to(images.device)
+    rotated[on_device] = kornia.geometry.transform.rotate(
+        images[on_device], angles[chosen].to(images), padding_mode="zeros"
     )
     return rotated
 

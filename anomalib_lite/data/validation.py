@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from torch.utils.data import Dataset
 
 from anomalib_lite.data.anomaly_synthesis import CutBlendSynthesizer, PerlinSynthesizer
@@ -89,7 +89,7 @@ def validation_synthesizer(synthesis: dict | None) -> CutBlendSynthesizer | Perl
         return CutBlendSynthesizer(**synthesis)
     settings = dict(synthesis)
     target = settings.pop("_target_")
-    if target.endswith("PerlinSynthesizer"):
+    if issubclass(get_class(target), PerlinSynthesizer):
         # Every synthetic validation image is labelled anomalous: it must hold an anomaly.
         settings = {**settings, "anomaly_probability": 1.0, "redraw_empty_masks": True, "rotate_probability": 0.0}
     return instantiate({"_target_": target, **settings})
