@@ -90,3 +90,18 @@ def test_cosine_schedule_spans_the_run() -> None:
     assert rates[0] == pytest.approx(0.03)
     assert rates[5] == pytest.approx(0.03 * (1 + math.cos(math.pi * 0.5)) / 2)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_dense_patches_are_the_crops_at_those_positions() -> None:
+    from anomalib_lite.models.cutpaste.torch_model import CutPasteModel
+
+    model = CutPasteModel.__new__(CutPasteModel)  # only the patch geometry is needed
+    torch.nn.Module.__init__(model)
+    model.patch_size, model.patch_stride = 16, 8
+    images = torch.rand(2, 3, 40, 44, generator=torch.Generator().manual_seed(0))
+    patches, ys, xs = model._patches(images)
+    assert (ys, xs) == ([0, 8, 16, 24], [0, 8, 16, 24, 28])
+    expected = torch.stack([
+        torch.stack([images[b, :, y : y + 16, x : x + 16] for y in ys for x in xs]) for b in range(2)
+    ])
+    assert torch.equal(patches, expected)

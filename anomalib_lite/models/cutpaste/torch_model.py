@@ -147,7 +147,10 @@ class CutPasteModel(TrainableModel, FittedOnEmbeddings):
         ys = patch_positions(height, self.patch_size, self.patch_stride)
         xs = patch_positions(width, self.patch_size, self.patch_stride)
         windows = images.unfold(2, self.patch_size, 1).unfold(3, self.patch_size, 1)  # B x 3 x H' x W' x p x p (a view)
-        patches = windows[:, :, ys][:, :, :, xs]  # B x 3 x ny x nx x p x p
+        # One gather of the ny x nx windows (indexing rows, then columns, would copy every row's W' windows).
+        rows = torch.tensor(ys, device=images.device).view(-1, 1)
+        columns = torch.tensor(xs, device=images.device).view(1, -1)
+        patches = windows[:, :, rows, columns]  # B x 3 x ny x nx x p x p
         return patches.permute(0, 2, 3, 1, 4, 5).flatten(1, 2), ys, xs
 
     def _patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
