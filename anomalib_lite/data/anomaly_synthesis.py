@@ -31,7 +31,27 @@ class SyntheticAnomalies(NamedTuple):
     has_anomaly: torch.Tensor  # B booleans: the mask is not empty
 
 
-class CutBlendSynthesizer:
+class SeededSynthesizer:
+    """What every synthesiser shares: its own generator (`seed`, `reseed`) and uniform draws from it."""
+
+    # The validation view passes another held-out image as `sources` when this is true.
+    takes_image_sources = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=self.generator).item()
+
+    def _integer(self, low: int, high: int) -> int:
+        """Uniform integer in [low, high] (both included)."""
+        return int(torch.randint(low, high + 1, (), generator=self.generator))
+
+
+class CutBlendSynthesizer(SeededSynthesizer):
     """Cut random rectangles from a source image and blend them into the target image.
 
     For each image: `num_patches` rectangles (count drawn uniformly from the range), each with a
@@ -45,7 +65,6 @@ class CutBlendSynthesizer:
     every masked pixel really differs by a visible blend.
     """
 
-    # The validation view passes another held-out image as the source of each image.
     takes_image_sources = True
 
     def __init__(
@@ -65,17 +84,7 @@ class CutBlendSynthesizer:
         self.num_patches = (int(low), int(high))
         self.patch_fraction = (float(patch_fraction[0]), float(patch_fraction[1]))
         self.opacity = (float(opacity[0]), float(opacity[1]))
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def reseed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def _uniform(self, low: float, high: float) -> float:
-        return low + (high - low) * torch.rand((), generator=self.generator).item()
-
-    def _integer(self, low: int, high: int) -> int:
-        """Uniform integer in [low, high] (both included)."""
-        return int(torch.randint(low, high + 1, (), generator=self.generator))
+        super().__init__(seed)
 
     @torch.no_grad()
     def __call__(
@@ -157,7 +166,7 @@ def rotate_images(
     return rotated
 
 
-class PerlinSynthesizer:
+class PerlinSynthesizer(SeededSynthesizer):
     """DRAEM's simulated anomalies (Zavrtanik et al., ICCV 2021, section 3.3 and the authors' code).
 
     Per image: with probability 1 - `anomaly_probability` it is left as it is (empty mask; the
@@ -176,8 +185,6 @@ class PerlinSynthesizer:
     with their own anomaly appearance).
     Training images are also rotated before synthesis (`rotate`, the authors' 30 % by +-90 deg).
     """
-
-    takes_image_sources = False
 
     def __init__(
         self,
@@ -213,10 +220,7 @@ class PerlinSynthesizer:
         self.rotate_probability = float(rotate_probability)
         self.rotate_degrees = float(rotate_degrees)
         self.redraw_empty_masks = redraw_empty_masks
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def reseed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
+        super().__init__(seed)
 
     def rotate(self, images: torch.Tensor) -> torch.Tensor:
         """The training images' random rotation (before synthesis; the reconstruction target too)."""
@@ -277,7 +281,7 @@ def color_jitter(image: torch.Tensor, generator: torch.Generator, strength: floa
     return image.clamp(0, 1)
 
 
-class CutPasteSynthesizer:
+class CutPasteSynthesizer(SeededSynthesizer):
     """CutPaste's augmentations (Li et al., CVPR 2021), one of two kinds per synthesiser:
 
     - `kind="cutpaste"`: a rectangle of U(`area`) x the image area, aspect ratio log-uniform in
@@ -287,8 +291,6 @@ class CutPasteSynthesizer:
       U(-`scar_rotation`, `scar_rotation`) degrees, pasted at a random place.
     Every image receives one (has_anomaly is True unless a scar's rotated pixels all fell out).
     """
-
-    takes_image_sources = False
 
     def __init__(
         self,
@@ -314,16 +316,7 @@ class CutPasteSynthesizer:
         self.scar_height = (int(scar_height[0]), int(scar_height[1]))
         self.scar_rotation = float(scar_rotation)
         self.color_jitter = float(color_jitter)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def reseed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def _uniform(self, low: float, high: float) -> float:
-        return low + (high - low) * float(torch.rand((), generator=self.generator))
-
-    def _integer(self, low: int, high: int) -> int:
-        return int(torch.randint(low, high + 1, (), generator=self.generator))
+        super().__init__(seed)
 
     def _patch_size(self, height: int, width: int) -> tuple[int, int]:
         if self.kind == "scar":

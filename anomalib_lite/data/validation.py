@@ -15,7 +15,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from torch.utils.data import Dataset
 
-from anomalib_lite.data.anomaly_synthesis import CutBlendSynthesizer, PerlinSynthesizer
+from anomalib_lite.data.anomaly_synthesis import CutBlendSynthesizer, PerlinSynthesizer, SeededSynthesizer
 from anomalib_lite.data.batch import Item
 from anomalib_lite.data.samples import AnomalyDataset, ImageResize, Sample
 
@@ -81,7 +81,7 @@ class ValidationSet(Dataset):
         )
 
 
-def validation_synthesizer(synthesis: dict | None) -> CutBlendSynthesizer | PerlinSynthesizer | None:
+def validation_synthesizer(synthesis: dict | None) -> SeededSynthesizer | None:
     """The validation view's synthesiser from the dataset's `val_synthesis` (see `ValidationSet`)."""
     if synthesis is None:
         return None
