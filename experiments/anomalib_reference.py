@@ -69,7 +69,13 @@ def lite0_feature_weights() -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(("conv_head", "bn2", "classifier"))}
 
 
-def build_model(method: str, normalization: str, n_features: int, image_size: int | None = None):
+def build_model(
+    method: str,
+    normalization: str,
+    n_features: int,
+    image_size: int | None = None,
+    draem_widths: tuple[int, int] | None = None,
+):
     from anomalib.models import Cflow, Draem, Fastflow, Padim, Patchcore
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import CenterCrop, Compose, Resize
@@ -84,7 +90,21 @@ def build_model(method: str, normalization: str, n_features: int, image_size: in
         # refuses one), resized to image_size x image_size; the same DTD subset as ours.
         size = image_size or 256
         pre_processor = PreProcessor(transform=Compose([Resize((size, size), antialias=True)]))
-        return Draem(dtd_dir=SHARED / "dtd_subset", pre_processor=pre_processor, evaluator=evaluator, visualizer=False)
+        model = Draem(dtd_dir=SHARED / "dtd_subset", pre_processor=pre_processor, evaluator=evaluator, visualizer=False)
+        if draem_widths is not None:
+            # anomalib's DraemModel builds both sub-networks at 128 / 64; its sub-network classes take a
+            # base width, so swap in narrower ones (anomalib's own code otherwise) for an equal-width run.
+            from anomalib.models.image.draem.torch_model import (
+                DiscriminativeSubNetwork,
+                ReconstructiveSubNetwork,
+            )
+
+            reconstruction_width, discriminative_width = draem_widths
+            model.model.reconstructive_subnetwork = ReconstructiveSubNetwork(base_width=reconstruction_width)
+            model.model.discriminative_subnetwork = DiscriminativeSubNetwork(
+                in_channels=6, out_channels=2, base_width=discriminative_width
+            )
+        return model
     if method == "fastflow_resnet18_random":
         # anomalib's FastFlow takes only resnet18 / wide_resnet50_2 / cait / deit: random init here.
         return Fastflow(backbone="resnet18", pre_trained=False, **common)
@@ -171,6 +191,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="DRAEM's input size (default 256)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (DRAEM's paper: 8)")
     parser.add_argument(
+        "--draem-widths", type=int, nargs=2, default=None, metavar=("RECONSTRUCTION", "DISCRIMINATIVE"),
+        help="DRAEM's sub-network base widths (anomalib fixes 128 64), e.g. 32 16 as experiment=draem_small",
+    )
+    parser.add_argument(
         "--limit-train-batches", type=int, default=None, help="train on this many batches per epoch (timing only)"
     )
     parser.add_argument(
@@ -206,10 +230,11 @@ def main() -> None:
     folder, category = DATASETS[args.dataset]
     root = png_copy(SHARED / folder, category, args.cache, args.presize)
     datamodule = MVTecAD(root=root, category=category, train_batch_size=args.batch_size, eval_batch_size=32, num_workers=2)
-    model = build_model(args.method, args.normalization, args.n_features, args.image_size)
+    model = build_model(args.method, args.normalization, args.n_features, args.image_size, args.draem_widths)
     name = f"{args.method}_{args.dataset}_{args.normalization}_s{args.seed}_e{args.epochs}"
     name += f"_{args.image_size}px" if args.image_size else ""
     name += f"_{args.limit_train_batches}batches" if args.limit_train_batches else ""
+    name += "_w{}-{}".format(*args.draem_widths) if args.draem_widths else ""
     name += f"_presize{args.presize}" if args.presize else ""
     name += f"_shuffled{args.shuffle_test}" if args.shuffle_test is not None else ""
     name += "_retest" if args.checkpoint else ""  # beside the fitting run's folder, not over it
@@ -255,10 +280,18 @@ def main() -> None:
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "limit_train_batches": args.limit_train_batches,
+        "draem_widths": args.draem_widths,
     }
     out.mkdir(parents=True, exist_ok=True)
     if dump:
         dump.save(out / "raw_predictions.pt")
+        # anomalib's raw outputs through our metric code: the AP columns of our tables, and a check that
+        # both codes agree on the AUROCs
+        from anomalib_lite.metrics import compute_metrics
+
+        raw = torch.load(out / "raw_predictions.pt")
+        ours = compute_metrics(raw["score"], raw["label"], raw["map"].float(), raw["mask"])
+        result |= {f"ours_{k}": v for k, v in ours.items()}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
