@@ -83,8 +83,9 @@ bench-flows: $(STAMP)
 	  --metrics image_auroc pixel_auroc pixel_aupro seconds_per_epoch fit_seconds
 
 # DRAEM (experiment=draem_small, DTD textures and procedural ones) and CutPaste (lite0, 256 -> 224,
-# batch 32 per class) on bottle and magnetic_tile, at CPU epoch budgets.
-CUTPASTE_EPOCHS ?= 20
+# batch 32 per class, patch map at stride 32) on bottle and magnetic_tile, at CPU epoch budgets
+# (experiments/SYNTHESIS.md: CutPaste 10 epochs on bottle, 5 on magnetic_tile).
+CUTPASTE_EPOCHS ?= 10
 bench-synthesis: $(STAMP)
 	for data in bottle mtd; do \
 	  if [ $$data = mtd ]; then set -- 'dataset.root=$${paths.data_dir}/mtd' dataset.category=magnetic_tile; \
@@ -92,7 +93,7 @@ bench-synthesis: $(STAMP)
 	  $(PYTHON) -m anomalib_lite experiment=draem_small "$$@" hydra.run.dir=$(BENCH_DIR)/draem_dtd_$$data || exit 1; \
 	  $(PYTHON) -m anomalib_lite experiment=draem_small method.anomaly_source=null "$$@" \
 	    hydra.run.dir=$(BENCH_DIR)/draem_procedural_$$data || exit 1; \
-	  $(PYTHON) -m anomalib_lite experiment=lite0_mvtec method=cutpaste method.epochs=$(CUTPASTE_EPOCHS) "$$@" \
+	  $(PYTHON) -m anomalib_lite experiment=lite0_mvtec method=cutpaste method.epochs=$(CUTPASTE_EPOCHS) method.patch_stride=32 "$$@" \
 	    hydra.run.dir=$(BENCH_DIR)/cutpaste_$$data || exit 1; \
 	done
 	$(PYTHON) experiments/collect.py $(BENCH_DIR) --rows method dataset epochs \
