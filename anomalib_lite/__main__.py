@@ -1,3 +1,3 @@
-from anomalib_lite.train import main
+from anomalib_lite.cli import main
 
 main()

@@ -11,7 +11,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from anomalib_lite.errors import UserInputError
-from anomalib_lite.models.components.feature_extractor import check_levels
 from anomalib_lite.run_dir import check_writable
 from anomalib_lite.schema import check_node
 
@@ -90,6 +89,9 @@ def check_config(cfg: DictConfig) -> None:
         raise UserInputError(f"optimized_metric={metric} needs the synthetic validation view, but dataset.val_synthesis is null")
     if not uses_backbone(cfg):
         return
+    # torch and timm: imported here, not with the config module (the command answers typos without them)
+    from anomalib_lite.models.components.feature_extractor import check_levels
+
     backbone = cfg.method.backbone
     if cfg.method.get("levels") is not None:
         check_levels(backbone.name, list(cfg.method.levels), backbone.get("available_levels"))

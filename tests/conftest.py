@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from anomalib_lite.cli import main
 from anomalib_lite.config import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,6 +80,38 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, 
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """(exit code, stderr) of `anomalib-lite *args`, in this process (no interpreter start-up).
+
+    Hydra points the root logger at this test's captured stdout; the handlers are put back
+    afterwards, or later tests' log lines would go to a closed stream.
+    """
+    GlobalHydra.instance().clear()
+    argv = sys.argv
+    sys.argv = ["anomalib-lite", *args]
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    code = 0
+    capsys.readouterr()
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return code, capsys.readouterr().err
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("anomalib-lite: error:")]
 
 
 def cli_tiny_args(cache_dir: Path, synthetic: bool = True) -> list[str]:

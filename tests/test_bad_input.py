@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_tiny_args, run_cli
+from conftest import cli_tiny_args, error_lines, run_cli, run_main
 from PIL import Image
 
+from anomalib_lite.cli import RANK_VARIABLES, precheck
 from anomalib_lite.data import generate_category
 
 
@@ -69,29 +72,45 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_dataset_gives_one_line_and_overwrites_nothing(case: str, mvtec_root: Path, tmp_path: Path, cache_dir: Path) -> None:
-    breaker, expected = CASES[case]
+def _bad_dataset_run(case: str, mvtec_root: Path, tmp_path: Path, cache_dir: Path) -> tuple[list[str], Path, list[Path]]:
+    """(command arguments, run dir holding an earlier finished run, that run's files) for a case."""
+    breaker, _ = CASES[case]
     root = mvtec_root if breaker else tmp_path / "does-not-exist"
     override = breaker(root) if breaker else "dataset.category=part"
     run_dir = tmp_path / "previous-run"
     run_dir.mkdir()
     (run_dir / "metrics.json").write_text(json.dumps({"image_auroc": 0.5}))
-    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-
-    result = run_cli(
+    args = [
         "dataset=mvtec", *cli_tiny_args(cache_dir, synthetic=False), f"dataset.root={root}", override,
         "dataset.image_size=64", "dataset.crop_size=null", f"hydra.run.dir={run_dir}", "overwrite=true",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if "anomalib-lite: error:" in line]
-    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    ]
+    return args, run_dir, sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+
+
+def _assert_one_line_and_nothing_overwritten(code: int, stderr: str, expected: str, run_dir: Path, before: list[Path]) -> None:
+    assert code == 2, stderr
+    assert len(error_lines(stderr)) == 1 and expected in error_lines(stderr)[0], stderr
+    assert "Traceback" not in stderr
     # overwrite=true replaces a finished run only once the new one succeeds: this one failed.
     assert json.loads((run_dir / "metrics.json").read_text()) == {"image_auroc": 0.5}
     after = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if ".incomplete" not in p.relative_to(run_dir).parts)
     assert after == before
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_dataset_gives_one_line_and_overwrites_nothing(
+    case: str, mvtec_root: Path, tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args, run_dir, before = _bad_dataset_run(case, mvtec_root, tmp_path, cache_dir)
+    code, stderr = run_main(args, capsys)  # the command's entry point, in this process
+    _assert_one_line_and_nothing_overwritten(code, stderr, CASES[case][1], run_dir, before)
+
+
+def test_bad_dataset_through_the_real_command(mvtec_root: Path, tmp_path: Path, cache_dir: Path) -> None:
+    """The same, as a user meets it: a separate process, its exit status and its stderr."""
+    args, run_dir, before = _bad_dataset_run("unreadable image", mvtec_root, tmp_path, cache_dir)
+    result = run_cli(*args, cwd=tmp_path)
+    _assert_one_line_and_nothing_overwritten(result.returncode, result.stderr, CASES["unreadable image"][1], run_dir, before)
 
 
 @pytest.mark.parametrize(
@@ -108,8 +127,25 @@ def test_unknown_group_option_is_named(override: str, expected: str, tmp_path: P
     assert expected in result.stderr
 
 
-def test_missing_backbone_level_is_named(tmp_path: Path, cache_dir: Path) -> None:
-    result = run_cli(*cli_tiny_args(cache_dir), "method.levels=[2,6]", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "anomalib-lite: error: backbone 'tf_efficientnet_lite0' has no feature level 6" in result.stderr
+def test_missing_backbone_level_is_named(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, stderr = run_main([*cli_tiny_args(cache_dir), "method.levels=[2,6]"], capsys)
+    assert code == 2
+    assert "anomalib-lite: error: backbone 'tf_efficientnet_lite0' has no feature level 6" in stderr
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("metrics.json"))
+
+
+def test_the_command_answers_before_importing_torch(tmp_path: Path) -> None:
+    """A mistyped option is answered without paying for torch and Lightning (~10 s on a small CPU)."""
+    code = "import sys, anomalib_lite.cli; print(sorted({'torch', 'lightning', 'timm'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_only_the_first_process_of_a_distributed_run_prechecks(monkeypatch) -> None:
+    """DDP workers (Lightning sets LOCAL_RANK) leave the checks to rank 0, which made them once."""
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert "seed='abc': must be an integer" in precheck(["seed=abc"])
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert precheck(["seed=abc"]) is None

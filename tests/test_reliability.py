@@ -1,7 +1,7 @@
 """No silent wrong results, no lost runs, one clear line for every mistake.
 
-The command runs in-process here (`anomalib_lite.train.main`, as the console script calls it),
-so each mistake costs no interpreter start-up; `test_bad_input.py` runs the real subprocess.
+The command runs in-process here (`conftest.run_main`: `anomalib_lite.cli.main`, as the console
+script calls it), so each mistake costs no interpreter start-up; `test_bad_input.py` also runs the real subprocess.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import pytest
 import tifffile
 import timm
 import torch
-from conftest import TINY_COMMON, TINY_SYNTHETIC
+from conftest import TINY_COMMON, TINY_SYNTHETIC, error_lines, run_main
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
+from anomalib_lite.cli import main
 from anomalib_lite.data import generate_category
 from anomalib_lite.data.datamodule import FolderDataModule, MVTecDataModule
 from anomalib_lite.data.image_io import read_image, read_mask
@@ -28,28 +29,6 @@ from anomalib_lite.data.samples import ImageResize
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.feature_extractor import create_backbone
 from anomalib_lite.run_dir import STAGING
-from anomalib_lite.train import main
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    """(exit code, stderr) of `anomalib-lite *args`, in this process."""
-    GlobalHydra.instance().clear()
-    argv = sys.argv
-    sys.argv = ["anomalib-lite", *args]
-    code = 0
-    capsys.readouterr()
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
-    return code, capsys.readouterr().err
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("anomalib-lite: error:")]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
