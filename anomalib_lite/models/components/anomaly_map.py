@@ -19,7 +19,12 @@ class AnomalyOutput(NamedTuple):
 def smooth_anomaly_map(patch_scores: torch.Tensor, image_size: tuple[int, int], sigma: float) -> torch.Tensor:
     """B x h x w patch scores -> B x H x W map: bilinear upsampling, then a Gaussian blur."""
     anomaly_map = F.interpolate(patch_scores.unsqueeze(1), size=image_size, mode="bilinear", align_corners=False)
-    if sigma > 0:
-        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1  # +-4 sigma, as in the reference implementations
-        anomaly_map = gaussian_blur2d(anomaly_map, (kernel_size, kernel_size), (sigma, sigma))
-    return anomaly_map.squeeze(1)
+    return blur_anomaly_map(anomaly_map.squeeze(1), sigma)
+
+
+def blur_anomaly_map(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
+    """B x H x W -> the same, blurred by a Gaussian of `sigma` pixels (none for sigma 0)."""
+    if sigma <= 0:
+        return anomaly_map
+    kernel_size = 2 * int(4.0 * sigma + 0.5) + 1  # +-4 sigma, as in the reference implementations
+    return gaussian_blur2d(anomaly_map.unsqueeze(1), (kernel_size, kernel_size), (sigma, sigma)).squeeze(1)

@@ -1,4 +1,4 @@
-"""A frozen timm backbone that returns the requested feature levels.
+"""A timm backbone that returns the requested feature levels: frozen (features, teachers) or trained (students).
 
 A feature *level* L is the backbone stage at stride 2**(L+1): level 1 is stride 4 (ResNet
 layer1), level 2 stride 8 (layer2), level 3 stride 16 (layer3). Methods name levels, backbones
@@ -206,14 +206,27 @@ def fold_batch_norms(module: nn.Module) -> int:
     return folded + sum(fold_batch_norms(child) for child in module.children())
 
 
+def level_out_indices(name: str, levels: Sequence[int]) -> list[int]:
+    """timm's `out_indices` of the feature levels (read off the backbone's feature_info)."""
+    strides = timm.create_model(name, pretrained=False, features_only=True).feature_info.reduction()
+    missing = [level for level in levels if level_stride(level) not in strides]
+    if missing:
+        available = [s.bit_length() - 2 for s in strides]
+        raise UserInputError(f"backbone '{name}' has no feature level {missing[0]} (available levels: {available})")
+    return [strides.index(level_stride(level)) for level in levels]
+
+
 class FeatureExtractor(nn.Module):
-    """Frozen timm backbone returning {level: feature map} for the requested levels.
+    """A timm backbone returning {level: feature map} for the requested levels; frozen by default.
 
     Inputs are images in [0, 1]; the backbone's own normalisation is applied here, so datasets
-    and visualisation never deal with it. For speed the frozen network runs in channels-last
-    memory layout with its BatchNorms folded into the convolutions (`fold_batch_norms`): the same
-    features to float rounding (checked when the extractor is built), 2-3x faster on CPU.
-    Feature maps come out channels-last; every torch op accepts them as they are.
+    and visualisation never deal with it. Frozen (a pretrained feature extractor, a teacher): no
+    gradients, BatchNorm statistics never move, and for speed the BatchNorms are folded into the
+    convolutions (`fold_batch_norms`): the same features to float rounding (checked when the
+    extractor is built), 2-3x faster on CPU. `frozen=False` (a student of the same architecture,
+    usually `weights="none"`): trained, its BatchNorms following the trainer's train/eval mode.
+    The network runs in channels-last memory layout; feature maps come out channels-last, and
+    every torch op accepts them as they are.
     """
 
     def __init__(
@@ -224,26 +237,20 @@ class FeatureExtractor(nn.Module):
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         available_levels: Sequence[int] | None = None,
+        frozen: bool = True,
     ) -> None:
         super().__init__()
         self.levels = list(levels)
+        self.frozen = frozen
         check_levels(name, self.levels, available_levels)
-        probe = timm.create_model(name, pretrained=False, features_only=True)
-        strides = probe.feature_info.reduction()
-        out_indices = []
-        for level in self.levels:
-            if level_stride(level) not in strides:
-                available = [s.bit_length() - 2 for s in strides]
-                raise UserInputError(f"backbone '{name}' has no feature level {level} (available levels: {available})")
-            out_indices.append(strides.index(level_stride(level)))
-        del probe
-        self.backbone = create_backbone(name, weights, features_only=True, out_indices=out_indices)
+        self.backbone = create_backbone(name, weights, features_only=True, out_indices=level_out_indices(name, self.levels))
         self.channels = self.backbone.feature_info.channels()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        self.eval()
-        self._fold_batch_norms()
+        if frozen:
+            self.requires_grad_(False)
+            self.eval()
+            self._fold_batch_norms()
         self.backbone.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
@@ -261,12 +268,12 @@ class FeatureExtractor(nn.Module):
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         # Frozen: batch-norm statistics must never move, whatever the trainer asks.
-        return super().train(False)
+        return super().train(mode and not self.frozen)
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        normalized = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        return dict(zip(self.levels, self.backbone(normalized)))
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            normalized = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            return dict(zip(self.levels, self.backbone(normalized)))
 
 
 class ImageEncoder(nn.Module):
@@ -294,3 +301,4 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
+
