@@ -301,4 +301,3 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
-

@@ -111,10 +111,11 @@ class ReverseDistillationModel(TrainableModel):
     Blocks are ResNet bottlenecks whose middle width is `hidden_ratio` x their output (0.5 is
     WideResNet-50-2's, the paper's backbone; with `bottleneck_blocks: 3` and `decoder_blocks:
     [3, 4, 6]` the networks are the authors' for it), or ResNet basic blocks (`block: basic`,
-    `bottleneck_blocks: 2`, `decoder_blocks: [2, 2, 2]`: the authors' for ResNet-18). The decoder's stage outputs end in a ReLU
-    where the encoder's features are non-negative (ResNets: post-ReLU), as in the authors' code;
-    for an encoder whose features take negative values (EfficientNet's linear bottlenecks) the
-    last ReLU of each stage is left out, or the decoder could not reproduce them.
+    `bottleneck_blocks: 2`, `decoder_blocks: [2, 2, 2]`: the authors' for ResNet-18). The
+    decoder's stage outputs end in a ReLU where the encoder's features are non-negative (ResNets:
+    post-ReLU), as in the authors' code; for an encoder whose features take negative values
+    (EfficientNet's linear bottlenecks) the last ReLU of each stage is left out, or the decoder
+    could not reproduce them.
 
     Loss, per level, summed over levels: `loss: flattened` (the authors' code, the default) is
     1 - cosine similarity of each image's whole feature map taken as one vector; `per_position`

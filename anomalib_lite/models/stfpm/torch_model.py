@@ -6,7 +6,12 @@ from typing import Annotated
 
 import torch
 
-from anomalib_lite.models.components import AnomalyOutput, FeatureExtractor, TrainableModel
+from anomalib_lite.models.components import (
+    AnomalyOutput,
+    FeatureExtractor,
+    TrainableModel,
+    smooth_anomaly_map,
+)
 from anomalib_lite.models.components.distillation import fuse_level_maps, normalized_squared_distance
 from anomalib_lite.schema import Levels, Range
 
@@ -41,5 +46,5 @@ class StfpmModel(TrainableModel):
         distances = self.distances(images)
         finest = max((distance.shape[-2:] for distance in distances), key=lambda size: size[0] * size[1])
         product = fuse_level_maps(distances, tuple(finest), reduce="product")
-        anomaly_map = fuse_level_maps([product], tuple(images.shape[-2:]), reduce="sum")
+        anomaly_map = smooth_anomaly_map(product, tuple(images.shape[-2:]), sigma=0)  # upsampled, no blur (authors' code)
         return AnomalyOutput(anomaly_map.flatten(1).amax(dim=1), anomaly_map)
