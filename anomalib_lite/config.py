@@ -30,6 +30,13 @@ def project_dir() -> str:
     return str(checkout) if (checkout / "pyproject.toml").is_file() else os.getcwd()
 
 
+def _input_size(image_size: int | Sequence[int], crop_size: int | Sequence[int] | None) -> int | list[int]:
+    """The size the model sees: the crop if there is one, else the resized image (for methods
+    whose networks are built for one input size, e.g. EfficientAD's autoencoder)."""
+    size = image_size if crop_size is None else crop_size
+    return size if isinstance(size, int) else list(size)
+
+
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("env_unset"):
         # wandb: offline unless an API key is set.
@@ -38,6 +45,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("project_dir", project_dir)
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", _run_name)
+    if not OmegaConf.has_resolver("input_size"):
+        OmegaConf.register_new_resolver("input_size", _input_size)
 
 
 _register_resolvers()

@@ -45,6 +45,13 @@ TINY = {
     # (3 epochs of 8: pixel AUROC 0.24 / 0.23; 10 epochs of 2: 0.996 / 0.989).
     "stfpm": ["trainer.max_epochs=10", "dataset.batch_size=2"],
     "reverse_distillation": ["trainer.max_epochs=10", "dataset.batch_size=2"],
+    # A teacher distilled in seconds (the default recipe takes an hour; the run caches it), the
+    # students' small steps as above, and the border padded before calibration: at 96 px the
+    # authors' zero frame after it is 56 % of the pixels (pixel AUROC 0.22 with it, 0.92 without).
+    "efficient_ad": [
+        "trainer.max_epochs=10", "dataset.batch_size=2", "method.pad_calibrated=false",
+        "method.teacher.steps=20", "method.teacher.image_size=64", "method.teacher.batch_size=4",
+    ],
 }
 TRAINED_DEFAULT = ["trainer.max_epochs=3"]
 # (image AUROC, pixel AUROC, AUPRO) a working method reaches on the obvious synthetic defects.

@@ -17,15 +17,17 @@ from anomalib_lite.models.components.feature_extractor import (
 )
 from anomalib_lite.models.components.interfaces import (
     AnomalyModel,
+    CalibratedOnNormalImages,
     FittedOnEmbeddings,
     MemoryBankModel,
+    PreparedOnTrainingImages,
     TrainableModel,
 )
 from anomalib_lite.models.components.nearest_neighbors import nearest_neighbors
 
 __all__ = [
-    "AnomalyModel", "AnomalyModule", "AnomalyOutput", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
-    "MemoryBankModel", "MemoryBankModule", "ResizableBuffersMixin", "TrainableModel", "TrainedModule",
+    "AnomalyModel", "AnomalyModule", "AnomalyOutput", "CalibratedOnNormalImages", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
+    "MemoryBankModel", "MemoryBankModule", "PreparedOnTrainingImages", "ResizableBuffersMixin", "TrainableModel", "TrainedModule",
     "coverage_radius", "create_backbone", "greedy_coreset", "level_stride", "nearest_neighbors",
     "random_projection", "smooth_anomaly_map",
 ]

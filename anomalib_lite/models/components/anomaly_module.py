@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,10 @@ from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.anomaly_map import AnomalyOutput
 from anomalib_lite.models.components.interfaces import (
     AnomalyModel,
+    CalibratedOnNormalImages,
     FittedOnEmbeddings,
     MemoryBankModel,
+    PreparedOnTrainingImages,
     TrainableModel,
 )
 from anomalib_lite.schema import PositiveInt
@@ -412,28 +414,52 @@ class TrainedModule(AnomalyModule):
                 self.log(f"train_{key}", value, on_step=False, on_epoch=True, batch_size=size)
         return terms["loss"]
 
+    def on_fit_start(self) -> None:
+        if isinstance(self.model, PreparedOnTrainingImages):
+            statistics = self.gather_over(self.trainer.train_dataloader, self.model.preparation_statistics)
+            self.model.prepare(statistics)
+
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
-        if isinstance(self.model, FittedOnEmbeddings) and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
+            return
+        if isinstance(self.model, FittedOnEmbeddings) and self.trainer.state.fn == "fit":
             self.fit_on_training_images()
+        if isinstance(self.model, CalibratedOnNormalImages):
+            loader = self.trainer.val_dataloaders
+            loader = loader[0] if isinstance(loader, list) else loader
+            maps = self.gather_over(loader, self.model.calibration_maps, normal_only=True)
+            if not len(maps):
+                raise UserInputError(f"{type(self).__name__} calibrates its scores on held-out normal images, and the validation set has none")
+            self.model.calibrate(maps)
 
     @torch.no_grad()
     def fit_on_training_images(self) -> None:
-        """Embed every training image with the current weights (eval mode) and fit the model on them.
+        """Embed every training image with the current weights (eval mode) and fit the model on them."""
+        self.model.fit(self.gather_over(self.trainer.train_dataloader, self.model.embed))
 
-        Under DDP each rank embeds its share; the embeddings are gathered in dataset order, so
-        every rank fits the same model as a single process would.
+    @torch.no_grad()
+    def gather_over(
+        self, loader: Iterable[Batch], compute: Callable[[torch.Tensor], torch.Tensor], normal_only: bool = False,
+    ) -> torch.Tensor:
+        """`compute` on every image of `loader` (eval mode, no gradients), concatenated in dataset order.
+
+        Under DDP each rank computes its share; the results are gathered in dataset order, so
+        every rank holds what a single process would. `normal_only`: only images labelled normal.
         """
         was_training = self.model.training
         self.model.eval()
-        embeddings, indices = [], []
-        for batch in self.trainer.train_dataloader:
+        rows, indices = [], []
+        for batch in loader:
             batch = self.transfer_batch_to_device(batch, self.device, 0)
-            embeddings.append(self.model.embed(batch.image))
-            indices.append(batch.index.to(self.device))
-        gathered = gather_samples(self, {"embedding": torch.cat(embeddings)}, torch.cat(indices))
-        self.model.fit(gathered["embedding"])
+            keep = batch.label == 0 if normal_only else torch.ones_like(batch.label, dtype=torch.bool)
+            if bool(keep.any()):
+                rows.append(compute(batch.image[keep]))
+                indices.append(batch.index.to(self.device)[keep.to(self.device)])
         self.model.train(was_training)
+        if not rows:
+            return torch.zeros(0, device=self.device)
+        return gather_samples(self, {"row": torch.cat(rows)}, torch.cat(indices))["row"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)

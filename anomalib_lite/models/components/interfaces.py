@@ -38,6 +38,36 @@ class MemoryBankModel(AnomalyModel, FittedOnEmbeddings):
     """Fitted in one pass, without gradients (PatchCore, PaDiM): embed every training image, then fit."""
 
 
+class PreparedOnTrainingImages(ABC):
+    """A trained model that needs statistics of the training images before its first step (e.g.
+    a frozen teacher's per-channel mean and std, which standardise the students' targets): one
+    pass over the training images without gradients, in eval mode, before training starts."""
+
+    @abstractmethod
+    def preparation_statistics(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-image statistics (first dimension B), gathered over the training set for `prepare`."""
+
+    @abstractmethod
+    def prepare(self, statistics: torch.Tensor) -> None:
+        """Set the model's statistics from every training image's, in dataset order."""
+
+
+class CalibratedOnNormalImages(ABC):
+    """A model whose scores are standardised on held-out normal images (never the test set): the
+    per-pixel components it combines (e.g. a regression error and an ensemble variance) are put
+    on one scale before they are added. Calibrated at the start of every validation, from the
+    validation set's normal images, with the weights being validated; the calibration lives in
+    buffers, so a checkpoint carries it."""
+
+    @abstractmethod
+    def calibration_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """B x K x h x w: the K uncalibrated per-pixel components of every image."""
+
+    @abstractmethod
+    def calibrate(self, maps: torch.Tensor) -> None:
+        """Fit the scales from the components of every held-out normal image (N x K x h x w)."""
+
+
 class TrainableModel(AnomalyModel):
     """Fitted by gradient descent on normal images.
 

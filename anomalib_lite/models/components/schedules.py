@@ -51,6 +51,20 @@ def multistep_at_fractions(
     return MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
 
 
+def multistep_at_step_fractions(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    fractions: tuple[float, ...] = (0.95,),
+    gamma: float = 0.1,
+) -> MultiStepLR:
+    """MultiStepLR with milestones at `fractions` of the run's optimiser steps (`interval: step`).
+
+    EfficientAD's schedule (x0.1 after 95 % of the steps), whatever the number of epochs.
+    """
+    milestones = sorted({max(1, round(fraction * total_steps)) for fraction in fractions})
+    return MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+
+
 def cosine(optimizer: torch.optim.Optimizer, total_steps: int, final_ratio: float = 0.0) -> CosineAnnealingLR:
     """torch's cosine annealing from lr to `final_ratio` x lr over the whole run (`interval: step`)."""
     base = optimizer.param_groups[0]["lr"]
