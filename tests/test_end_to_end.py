@@ -52,6 +52,13 @@ TINY = {
         "trainer.max_epochs=10", "dataset.batch_size=2", "method.pad_calibrated=false",
         "method.teacher.steps=20", "method.teacher.image_size=64", "method.teacher.batch_size=4",
     ],
+    # Two of the three scales, two students, 64 px, the students' loss on 32 px windows, and
+    # teachers distilled in seconds: dense descriptors at every pixel are the costly part.
+    "uninformed_students": [
+        "dataset.image_size=64", "method.patch_sizes=[17,33]", "method.num_students=2", "method.train_crop=32",
+        "method.teacher.steps=10", "method.teacher.batch_size=8", "method.teacher.image_size=96",
+        "method.teacher.backbone_input=32", "trainer.max_epochs=4", "dataset.batch_size=2",
+    ],
 }
 TRAINED_DEFAULT = ["trainer.max_epochs=3"]
 # (image AUROC, pixel AUROC, AUPRO) a working method reaches on the obvious synthetic defects.

@@ -414,7 +414,8 @@ class TrainedModule(AnomalyModule):
                 self.log(f"train_{key}", value, on_step=False, on_epoch=True, batch_size=size)
         return terms["loss"]
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
+        # Here, not in on_fit_start: Lightning sets up the training loader between the two.
         if isinstance(self.model, PreparedOnTrainingImages):
             statistics = self.gather_over(self.trainer.train_dataloader, self.model.preparation_statistics)
             self.model.prepare(statistics)

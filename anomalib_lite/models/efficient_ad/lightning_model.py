@@ -73,7 +73,6 @@ class EfficientAd(TrainedModule):
         self.generator.manual_seed(self.augmentation_seed + self.global_rank)
         if self.penalty_source is not None:
             log.info("EfficientAD penalty images: %s", self.penalty_source.describe())
-        super().on_fit_start()  # the teacher's channel statistics over the training images
 
     def penalty_images(self, count: int, height: int, width: int) -> torch.Tensor:
         """Resized to twice the image size, 30 % grey, centre-cropped (authors' code)."""
