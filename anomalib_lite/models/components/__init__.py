@@ -10,6 +10,8 @@ from anomalib_lite.models.components.coreset import (
     random_projection,
 )
 from anomalib_lite.models.components.feature_extractor import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     FeatureExtractor,
     ImageEncoder,
     create_backbone,
@@ -26,7 +28,7 @@ from anomalib_lite.models.components.interfaces import (
 from anomalib_lite.models.components.nearest_neighbors import nearest_neighbors
 
 __all__ = [
-    "AnomalyModel", "AnomalyModule", "AnomalyOutput", "CalibratedOnNormalImages", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
+    "IMAGENET_MEAN", "IMAGENET_STD", "AnomalyModel", "AnomalyModule", "AnomalyOutput", "CalibratedOnNormalImages", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
     "MemoryBankModel", "MemoryBankModule", "PreparedOnTrainingImages", "ResizableBuffersMixin", "TrainableModel", "TrainedModule",
     "coverage_radius", "create_backbone", "greedy_coreset", "level_stride", "nearest_neighbors",
     "random_projection", "smooth_anomaly_map",

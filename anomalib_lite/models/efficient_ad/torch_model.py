@@ -22,6 +22,8 @@ from torch import nn
 
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     AnomalyOutput,
     CalibratedOnNormalImages,
     PreparedOnTrainingImages,
@@ -29,9 +31,6 @@ from anomalib_lite.models.components import (
 )
 from anomalib_lite.schema import Range, Size
 
-# The PDN and the autoencoder see ImageNet-normalised images (authors' code).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Zero border added around the PDN's output grid before it is resized to the image: the grid
 # lacks the 16 px each side that no 33 px patch is centred on (4 cells of stride 4).
 MAP_PADDING = 4
@@ -152,6 +151,7 @@ class EfficientAdModel(TrainableModel, PreparedOnTrainingImages, CalibratedOnNor
         self.teacher = patch_description_network(out_channels, model_size).requires_grad_(False)
         self.student = patch_description_network(2 * out_channels, model_size)
         self.autoencoder = AutoEncoder(out_channels, size)
+        # The PDN and the autoencoder see ImageNet-normalised images (authors' code).
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("teacher_mean", torch.zeros(1, out_channels, 1, 1))

@@ -100,12 +100,12 @@ def distill(
         with torch.no_grad():
             return encoder(F.interpolate(patches, size=backbone_input, mode="bilinear"))
 
-    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
         images = source.draw(batch_size, image_size, image_size, generator)
         anchor, positive = _patches(images, size, generator, shift)
         brightness = 1 + 0.1 * (2 * torch.rand(len(positive), 1, 1, 1, generator=generator) - 1)
         positive = (positive * brightness + 0.02 * torch.randn(positive.shape, generator=generator)).clamp(0, 1)
-        return anchor, positive, anchor.roll(1, dims=0)  # negatives: another image's patch
+        return anchor, positive
 
     # The backbone descriptor's per-dimension mean and std, over the first batches.
     samples = torch.cat([target(draw()[0]) for _ in range(max(1, 256 // batch_size))])
@@ -119,9 +119,9 @@ def distill(
     teacher.train()
     start, last_log, history = time.perf_counter(), time.perf_counter(), []
     for step in range(1, steps + 1):
-        anchor, positive, negative = draw()
-        descriptors = teacher(normalize(torch.cat([anchor, positive, negative])))
-        d_anchor, d_positive, d_negative = descriptors.chunk(3)
+        anchor, positive = draw()
+        d_anchor, d_positive = teacher(normalize(torch.cat([anchor, positive]))).chunk(2)
+        d_negative = d_anchor.roll(1, dims=0)  # negatives: another image's patch, already described
         terms = {
             "distillation": (decoder(d_anchor) - (target(anchor)[:, kept] - mean) / std).pow(2).mean(),
             "triplet": triplet_loss(d_anchor, d_positive, d_negative, margin),

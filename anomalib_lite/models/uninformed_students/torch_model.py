@@ -23,6 +23,8 @@ from torch import nn
 
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     AnomalyOutput,
     CalibratedOnNormalImages,
     PreparedOnTrainingImages,
@@ -30,9 +32,6 @@ from anomalib_lite.models.components import (
 )
 from anomalib_lite.models.uninformed_students.patch_network import PatchDescriptor
 from anomalib_lite.schema import Range
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def ensemble_error_and_variance(predictions: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
