@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         args.run_dir / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False, **overrides
     )
     metrics = AnomalyMetrics(fpr_limit=cfg.callbacks.metrics.fpr_limit, predictions_file=str(out / "predictions.csv"))
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[metrics], enable_checkpointing=False)
+    accelerator = cfg.trainer.get("accelerator", "cpu")  # where the run ran (a GPU run retests on its GPU)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[metrics], enable_checkpointing=False)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)

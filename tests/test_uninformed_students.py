@@ -57,7 +57,11 @@ def test_ensemble_error_and_variance_on_a_hand_case() -> None:
 def test_teacher_losses_on_hand_cases() -> None:
     descriptors = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
     correlation = np.corrcoef(descriptors.numpy().T)
-    assert float(compactness_loss(descriptors)) == pytest.approx(correlation.sum() - np.trace(correlation), abs=1e-5)
+    off_diagonal = correlation[~np.eye(4, dtype=bool)]
+    assert float(compactness_loss(descriptors, "signed")) == pytest.approx(off_diagonal.sum(), abs=1e-5)
+    assert float(compactness_loss(descriptors)) == pytest.approx((off_diagonal**2).mean(), abs=1e-6)
+    with pytest.raises(ValueError, match="squared"):
+        compactness_loss(descriptors, "absolute")
     anchor, positive = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]])
     # d+ = 1; negatives at squared distance 9 from the anchor and 4 from the positive: d- = 4.
     negative = torch.tensor([[3.0, 0.0]])
@@ -99,6 +103,18 @@ def test_teachers_are_cached_per_patch_size(tmp_path) -> None:
     load_or_distill_teachers(again.teachers, backbone, again.normalize, **settings)
     for first, second in zip(model.teachers.parameters(), again.teachers.parameters()):
         assert torch.equal(first, second)
+
+
+def test_distillation_trains_the_teacher_and_leaves_it_frozen(tmp_path) -> None:
+    # The model freezes its teachers; distillation must train them all the same (it once trained
+    # only its decoder, leaving the teacher at its random initialisation).
+    backbone = {"name": "tf_efficientnet_lite0", "weights": "none", "mean": [0.5] * 3, "std": [0.5] * 3}
+    model = UninformedStudentsModel(patch_sizes=(17,), num_students=1, descriptor_dim=8)
+    initial = [p.detach().clone() for p in model.teachers.parameters()]
+    settings = {"images": None, "cache_dir": tmp_path, "steps": 2, "batch_size": 4, "image_size": 96, "backbone_input": 32}
+    load_or_distill_teachers(model.teachers, backbone, model.normalize, **settings)
+    assert not any(torch.equal(before, after) for before, after in zip(initial, model.teachers.parameters()))
+    assert not any(p.requires_grad for p in model.teachers.parameters())
 
 
 def test_scoring_with_some_scales_or_students_of_one_trained_model() -> None:

@@ -53,9 +53,15 @@ def load_or_build(
     name: str,
     inputs: Mapping[str, Any],
     build: Callable[[nn.Module], Mapping[str, Any]],
+    device: torch.device | str | None = None,
 ) -> Path:
     """Load `network`'s weights from the cached artefact for `inputs`, or train them with
     `build(network)` (which returns a report: steps, images, ...) and cache them.
+
+    `device`: where a build runs (the run's accelerator: a GPU distils in minutes what a CPU does
+    in hours); `network` is moved there for `build`, whose work follows `network`'s device, and
+    moved back after. The artefact is the same on any device up to floating-point order: the
+    random draws come from CPU generators.
 
     The file is written atomically (a temporary name, then a rename), so an interrupted build
     leaves nothing that a later run would take for finished.
@@ -69,9 +75,13 @@ def load_or_build(
                  ", ".join(f"{k} {v}" for k, v in report.items() if k != "seconds"))
         return path
     log.info("%s: no cached artefact for these inputs; building %s", name, path)
+    home = next(network.parameters()).device
+    network.to(device or home)
     start = time.perf_counter()
     report = dict(build(network))
     report["seconds"] = round(time.perf_counter() - start, 1)
+    report["device"] = str(device or home)
+    network.to(home)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     torch.save({"state_dict": network.state_dict(), "inputs": dict(inputs), "report": report}, partial)

@@ -65,7 +65,7 @@ class EfficientAd(TrainedModule):
             raise ValueError("EfficientAD distils its teacher from a backbone: method.backbone is missing")
         load_or_distill_teacher(
             self.model.teacher, self.model.model_size, self.model.out_channels, self.backbone_settings,
-            normalize=self.model.normalize, **self.teacher_settings,
+            normalize=self.model.normalize, device=self.trainer.strategy.root_device, **self.teacher_settings,
         )
         self.model.teacher.to(self.device)
 

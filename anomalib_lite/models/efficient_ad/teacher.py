@@ -85,13 +85,16 @@ def distill(
     grey_probability: float = 0.1,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Train `pdn` (padded) to regress `descriptor`'s standardised output. Returns a report."""
+    """Train `pdn` (padded) to regress `descriptor`'s standardised output, on `pdn`'s device.
+    Returns a report."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    device = next(pdn.parameters()).device
+    descriptor.to(device)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         images = _draw(source, batch_size, image_size, generator, grey_probability)
-        target = descriptor(F.interpolate(images, scale_factor=2, mode="bilinear"))
+        target = descriptor(F.interpolate(images.to(device), scale_factor=2, mode="bilinear"))
         return images, target
 
     # Per-channel mean and std of the target (the authors: over 10,000 ImageNet images).
@@ -110,7 +113,7 @@ def distill(
     for step in range(1, steps + 1):
         images, target = batch()
         inputs = normalize(images) if normalize is not None else images
-        prediction = pdn(inputs)
+        prediction = pdn(inputs.to(device))
         loss = (prediction - (target - mean) / std).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -138,21 +141,23 @@ def load_or_distill_teacher(
     batch_size: int = 16,
     seed: int = 0,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
 ) -> None:
-    """Fill `teacher` (an unpadded PDN) with the cached distilled weights, distilling them first if
-    no artefact exists for these inputs. The weights are shared with a padded PDN for training."""
+    """Fill `teacher` (an unpadded PDN) with the cached distilled weights, distilling them first (on
+    `device`) if no artefact exists for these inputs. The weights are shared with a padded PDN for
+    training."""
     inputs = {
         "model_size": model_size, "out_channels": out_channels, "levels": list(levels), "image_size": image_size,
         "steps": steps, "batch_size": batch_size, "seed": seed,
         "backbone": {k: v for k, v in dict(backbone).items() if k in ("name", "weights", "mean", "std")},
-        "images": str(images) if images else None, "images_fingerprint": folder_fingerprint(images),
+        "images_fingerprint": folder_fingerprint(images),  # the contents, not the path: caches move between machines
     }
 
     def build(network: nn.Module) -> dict[str, Any]:
-        padded = patch_description_network(out_channels, model_size, padding=True)
+        padded = patch_description_network(out_channels, model_size, padding=True).to(next(network.parameters()).device)
         descriptor = BackboneDescriptor(backbone, levels, out_channels=out_channels)
         report = distill(padded, descriptor, anomaly_source(images), image_size, steps, batch_size, seed, normalize=normalize)
         network.load_state_dict(padded.state_dict())
         return report
 
-    load_or_build(teacher, cache_dir, f"efficient_ad_teacher_{model_size}", inputs, build)
+    load_or_build(teacher, cache_dir, f"efficient_ad_teacher_{model_size}", inputs, build, device)

@@ -34,5 +34,8 @@ class UninformedStudents(TrainedModule):
             return  # a fitted model's teachers are in its checkpoint
         if self.backbone_settings is None:
             raise ValueError("Uninformed Students distils its teachers from a backbone: method.backbone is missing")
-        load_or_distill_teachers(self.model.teachers, self.backbone_settings, self.model.normalize, **self.teacher_settings)
+        load_or_distill_teachers(
+            self.model.teachers, self.backbone_settings, self.model.normalize,
+            device=self.trainer.strategy.root_device, **self.teacher_settings,
+        )
         self.model.teachers.to(self.device)
