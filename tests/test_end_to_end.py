@@ -37,8 +37,9 @@ TINY = {
     "ss_flow": ["trainer.max_epochs=4", "method.flow_steps=4"],
     # Narrow networks, small images and more, smaller steps: DRAEM learns from its synthetic anomalies slowly.
     "draem": [
-        # (pixel AUROC 0.92 / 0.85 / 0.85 over seeds 0-2; widths 8 / 16 at lr 2e-3 ranged 0.42-0.83).
-        "trainer.max_epochs=30", "dataset.image_size=64", "dataset.batch_size=4", "method.reconstruction_width=16",
+        # (30 epochs: pixel AUROC 0.92 / 0.85 / 0.85 over seeds 0-2 on one machine, 0.725 at seed 0 on
+        # another: hence 40; widths 8 / 16 at lr 2e-3 ranged 0.42-0.83).
+        "trainer.max_epochs=40", "dataset.image_size=64", "dataset.batch_size=4", "method.reconstruction_width=16",
         "method.discriminative_width=16", "method.optimizers.model.lr=1e-3",
     ],
     # A student learns from scratch: more, smaller steps than the 10 images give in 3 epochs of 8
@@ -162,7 +163,11 @@ def test_an_image_scores_the_same_alone_and_in_a_batch(method: str, fitted) -> N
         together = module(images)
         alone = module(images[2:3])
     torch.testing.assert_close(together.pred_score[2:3], alone.pred_score, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(together.anomaly_map[2:3], alone.anomaly_map, rtol=1e-4, atol=1e-5)
+    # Absolute tolerance relative to the map's range: a batch-size-dependent convolution algorithm
+    # moves float32 sums by ~1e-5 of it (seen on the 12 dense networks of Uninformed Students);
+    # normalising by the batch would move them by the order of the range itself.
+    scale = max(1.0, float(alone.anomaly_map.abs().max()))
+    torch.testing.assert_close(together.anomaly_map[2:3], alone.anomaly_map, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_center_crop_and_coreset_ratio(make_cfg, tmp_path: Path) -> None:
