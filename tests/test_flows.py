@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from anomalib_lite.data import Item, collate_items
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.cflow import Cflow, CflowModel
 from anomalib_lite.models.components.flows import (
@@ -225,6 +226,22 @@ def test_optimiser_and_scheduler_names_are_checked() -> None:
     wrong = Fastflow(backbone=BACKBONE, epochs=1, optimizers={"generator": ADAM["model"]}, flow_steps=2)
     with pytest.raises(UserInputError, match="optimises \\['model'\\]"):
         wrong.configure_optimizers()
+
+
+def test_a_long_pass_outside_the_loops_reports_its_progress(caplog) -> None:
+    """Statistics, calibration and embedding passes have no Lightning bar: they log their own lines."""
+    module = Fastflow(backbone=BACKBONE, epochs=1, optimizers=ADAM, flow_steps=2)
+    loader = [
+        collate_items([Item(torch.rand(3, 8, 8), torch.zeros(8, 8), i % 2, 2 * b + i, "good", "x.png", True) for i in range(2)])
+        for b in range(3)
+    ]
+    with caplog.at_level("INFO"):
+        rows = module.gather_over(loader, lambda images: images.mean((1, 2, 3)), what="calibration", progress_interval=1e9)
+    assert rows.shape == (6,) and "calibration" not in caplog.text  # a short pass stays quiet
+    with caplog.at_level("INFO"):
+        rows = module.gather_over(loader, lambda images: images.mean((1, 2, 3)), normal_only=True, what="calibration", progress_interval=0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibration")]
+    assert rows.shape == (3,) and lines == ["calibration: 1/3 batches, 0 s", "calibration: 2/3 batches, 0 s", "calibration: 3 batches in 0 s"]
 
 
 def test_warmup_cosine_schedule_by_hand() -> None:

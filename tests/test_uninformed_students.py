@@ -129,6 +129,11 @@ def test_scoring_with_some_scales_or_students_of_one_trained_model() -> None:
     )
     assert torch.allclose(single.calibration_maps(images)[:, 0], error, atol=1e-5)
     assert float(single.calibration_maps(images)[:, 1].abs().max()) == 0  # one student: no variance
+    # The full score (eq. 7): error and variance standardised, summed per scale, averaged over the scales.
+    maps = full.calibration_maps(images)  # error, variance of scale 17, then of scale 33
+    full.calibrate(maps)
+    standardised = (maps - maps.mean((0, 2, 3), keepdim=True)) / maps.std((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(full(images).anomaly_map, standardised.sum(dim=1) / 2, rtol=1e-4, atol=1e-4)
     with pytest.raises(UserInputError, match="score_patch_sizes"):
         UninformedStudentsModel(patch_sizes=(17,), score_patch_sizes=[65])
     with pytest.raises(UserInputError, match="score_students"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -417,7 +418,9 @@ class TrainedModule(AnomalyModule):
     def on_train_start(self) -> None:
         # Here, not in on_fit_start: Lightning sets up the training loader between the two.
         if isinstance(self.model, PreparedOnTrainingImages):
-            statistics = self.gather_over(self.trainer.train_dataloader, self.model.preparation_statistics)
+            statistics = self.gather_over(
+                self.trainer.train_dataloader, self.model.preparation_statistics, what="statistics over the training images"
+            )
             self.model.prepare(statistics)
 
     def on_validation_epoch_start(self) -> None:
@@ -429,7 +432,7 @@ class TrainedModule(AnomalyModule):
         if isinstance(self.model, CalibratedOnNormalImages):
             loader = self.trainer.val_dataloaders
             loader = loader[0] if isinstance(loader, list) else loader
-            maps = self.gather_over(loader, self.model.calibration_maps, normal_only=True)
+            maps = self.gather_over(loader, self.model.calibration_maps, normal_only=True, what="calibration on held-out normal images")
             if not len(maps):
                 raise UserInputError(f"{type(self).__name__} calibrates its scores on held-out normal images, and the validation set has none")
             self.model.calibrate(maps)
@@ -437,27 +440,38 @@ class TrainedModule(AnomalyModule):
     @torch.no_grad()
     def fit_on_training_images(self) -> None:
         """Embed every training image with the current weights (eval mode) and fit the model on them."""
-        self.model.fit(self.gather_over(self.trainer.train_dataloader, self.model.embed))
+        self.model.fit(self.gather_over(self.trainer.train_dataloader, self.model.embed, what="embedding the training images"))
 
     @torch.no_grad()
     def gather_over(
         self, loader: Iterable[Batch], compute: Callable[[torch.Tensor], torch.Tensor], normal_only: bool = False,
+        what: str = "pass over the images", progress_interval: float = 30.0,
     ) -> torch.Tensor:
         """`compute` on every image of `loader` (eval mode, no gradients), concatenated in dataset order.
 
         Under DDP each rank computes its share; the results are gathered in dataset order, so
         every rank holds what a single process would. `normal_only`: only images labelled normal.
+        A pass longer than `progress_interval` seconds logs `what` and its progress (rank 0): these
+        passes sit outside Lightning's loops, so no progress bar covers them.
         """
         was_training = self.model.training
         self.model.eval()
         rows, indices = [], []
-        for batch in loader:
+        total = len(loader) if hasattr(loader, "__len__") else None
+        start = last = time.perf_counter()
+        for done, batch in enumerate(loader, 1):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             keep = batch.label == 0 if normal_only else torch.ones_like(batch.label, dtype=torch.bool)
             if bool(keep.any()):
                 rows.append(compute(batch.image[keep]))
                 indices.append(batch.index.to(self.device)[keep.to(self.device)])
+            if time.perf_counter() - last > progress_interval and done != total:
+                last = time.perf_counter()
+                if self.global_rank == 0:
+                    log.info("%s: %d%s batches, %.0f s", what, done, f"/{total}" if total else "", last - start)
         self.model.train(was_training)
+        if last > start and self.global_rank == 0:  # it reported progress: say when it is done
+            log.info("%s: %d batches in %.0f s", what, done, time.perf_counter() - start)
         if not rows:
             return torch.zeros(0, device=self.device)
         return gather_samples(self, {"row": torch.cat(rows)}, torch.cat(indices))["row"]
