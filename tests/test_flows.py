@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 
+from anomalib_lite.callbacks.progress import Progress
 from anomalib_lite.data import Item, collate_items
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.cflow import Cflow, CflowModel
@@ -231,15 +233,21 @@ def test_optimiser_and_scheduler_names_are_checked() -> None:
 def test_a_long_pass_outside_the_loops_reports_its_progress(caplog) -> None:
     """Statistics, calibration and embedding passes have no Lightning bar: they log their own lines."""
     module = Fastflow(backbone=BACKBONE, epochs=1, optimizers=ADAM, flow_steps=2)
+
+    def attach(interval: float) -> None:  # the run's trainer, with its progress callback in lines mode
+        module.trainer = L.Trainer(callbacks=[Progress(mode="lines", interval=interval)], logger=False, enable_checkpointing=False)
+
     loader = [
         collate_items([Item(torch.rand(3, 8, 8), torch.zeros(8, 8), i % 2, 2 * b + i, "good", "x.png", True) for i in range(2)])
         for b in range(3)
     ]
     with caplog.at_level("INFO"):
-        rows = module.gather_over(loader, lambda images: images.mean((1, 2, 3)), what="calibration", progress_interval=1e9)
+        attach(interval=1e9)
+        rows = module.gather_over(loader, lambda images: images.mean((1, 2, 3)), what="calibration")
     assert rows.shape == (6,) and "calibration" not in caplog.text  # a short pass stays quiet
     with caplog.at_level("INFO"):
-        rows = module.gather_over(loader, lambda images: images.mean((1, 2, 3)), normal_only=True, what="calibration", progress_interval=0)
+        attach(interval=0)
+        rows = module.gather_over(loader, lambda images: images.mean((1, 2, 3)), normal_only=True, what="calibration")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibration")]
     assert rows.shape == (3,) and lines == ["calibration: 1/3 batches, 0 s", "calibration: 2/3 batches, 0 s", "calibration: 3 batches in 0 s"]
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Progress(TQDMProgressBar):
@@ -37,14 +40,36 @@ class Progress(TQDMProgressBar):
         self._stage_start = self._last = time.perf_counter()
         self._done = 0
 
-    def _maybe_report(self, what: str, done: int, total: Any, force: bool = False, extra: str = "") -> None:
+    def _maybe_report(
+        self, what: str, done: int, total: Any, force: bool = False, extra: str = "", start: float | None = None,
+    ) -> bool:
+        """Log a line if `interval` has passed since the last one (or `force`); True when it did."""
         self._done, self._total = done, total
         now = time.perf_counter()
         if not self.lines or (not force and now - self._last < self.interval):
-            return
+            return False
         self._last = now
         of = f"/{int(total)}" if isinstance(total, (int, float)) and total != float("inf") else ""
-        log.info("%s: %d%s batches, %.0f s%s", what, done, of, now - self._stage_start, extra)
+        log.info("%s: %d%s batches, %.0f s%s", what, done, of, now - (self._stage_start if start is None else start), extra)
+        return True
+
+    def track(self, batches: Iterable[T], what: str) -> Iterator[T]:
+        """Progress of a pass outside Lightning's loops (statistics over the training images,
+        calibration, embedding): a bar, or timed lines closed by one when any was written (short
+        passes stay quiet)."""
+        total = len(batches) if hasattr(batches, "__len__") else None
+        if not self.lines:
+            yield from tqdm(batches, desc=what, total=total, leave=False, disable=self.is_disabled, file=sys.stdout)
+            return
+        stage = self._done, self._total  # a pass may run inside a stage: leave the stage's count as it was
+        start, reported, done = time.perf_counter(), False, 0
+        for done, batch in enumerate(batches, 1):
+            yield batch
+            if done != total:
+                reported |= self._maybe_report(what, done, total, start=start)
+        self._done, self._total = stage
+        if reported:
+            log.info("%s: %d batches in %.0f s", what, done, time.perf_counter() - start)
 
     def _loss_text(self, trainer: L.Trainer) -> str:
         loss = trainer.callback_metrics.get("train_loss_epoch", trainer.callback_metrics.get("train_loss"))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -445,33 +444,26 @@ class TrainedModule(AnomalyModule):
     @torch.no_grad()
     def gather_over(
         self, loader: Iterable[Batch], compute: Callable[[torch.Tensor], torch.Tensor], normal_only: bool = False,
-        what: str = "pass over the images", progress_interval: float = 30.0,
+        what: str = "pass over the images",
     ) -> torch.Tensor:
         """`compute` on every image of `loader` (eval mode, no gradients), concatenated in dataset order.
 
         Under DDP each rank computes its share; the results are gathered in dataset order, so
         every rank holds what a single process would. `normal_only`: only images labelled normal.
-        A pass longer than `progress_interval` seconds logs `what` and its progress (rank 0): these
-        passes sit outside Lightning's loops, so no progress bar covers them.
+        These passes sit outside Lightning's loops: the run's progress callback (if it has `track`)
+        shows them on rank 0 under the name `what`.
         """
         was_training = self.model.training
         self.model.eval()
         rows, indices = [], []
-        total = len(loader) if hasattr(loader, "__len__") else None
-        start = last = time.perf_counter()
-        for done, batch in enumerate(loader, 1):
+        progress = getattr(self._trainer, "progress_bar_callback", None) if self.global_rank == 0 else None
+        for batch in progress.track(loader, what) if hasattr(progress, "track") else loader:
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             keep = batch.label == 0 if normal_only else torch.ones_like(batch.label, dtype=torch.bool)
             if bool(keep.any()):
                 rows.append(compute(batch.image[keep]))
                 indices.append(batch.index.to(self.device)[keep.to(self.device)])
-            if time.perf_counter() - last > progress_interval and done != total:
-                last = time.perf_counter()
-                if self.global_rank == 0:
-                    log.info("%s: %d%s batches, %.0f s", what, done, f"/{total}" if total else "", last - start)
         self.model.train(was_training)
-        if last > start and self.global_rank == 0:  # it reported progress: say when it is done
-            log.info("%s: %d batches in %.0f s", what, done, time.perf_counter() - start)
         if not rows:
             return torch.zeros(0, device=self.device)
         return gather_samples(self, {"row": torch.cat(rows)}, torch.cat(indices))["row"]
