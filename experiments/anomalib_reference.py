@@ -76,6 +76,7 @@ def build_model(
     n_features: int,
     image_size: int | None = None,
     draem_widths: tuple[int, int] | None = None,
+    batch_size: int = 32,
 ):
     from anomalib.models import Cflow, Draem, Fastflow, Padim, Patchcore, ReverseDistillation, Stfpm
     from anomalib.pre_processing import PreProcessor
@@ -106,6 +107,17 @@ def build_model(
                 in_channels=6, out_channels=2, base_width=discriminative_width
             )
         return model
+    if method == "ganomaly":
+        # GANomaly: its own DCGAN networks at image_size (default 256; a power of two), inputs
+        # normalised to [-1, 1] (mean = std = 0.5, as the authors' and as ours inside the model); it
+        # scores images only, so only the image AUROC is evaluated.
+        from anomalib.metrics import AUROC, Evaluator
+        from anomalib.models import Ganomaly
+
+        size = image_size or 256
+        pre_processor = PreProcessor(transform=Compose([Resize((size, size), antialias=True), NORMALIZATION["half"]]))
+        image_evaluator = Evaluator(test_metrics=[AUROC(fields=["pred_score", "gt_label"], prefix="image_")])
+        return Ganomaly(batch_size=batch_size, pre_processor=pre_processor, evaluator=image_evaluator, visualizer=False)
     if method == "fastflow_resnet18_random":
         # anomalib's FastFlow takes only resnet18 / wide_resnet50_2 / cait / deit: random init here.
         return Fastflow(backbone="resnet18", pre_trained=False, **common)
@@ -185,12 +197,13 @@ def raw_prediction_dump():
             with torch.no_grad():
                 raw = pl_module.model(batch.image)  # the pre-processor has transformed batch.image already
             self.rows["score"].append(raw.pred_score.flatten().cpu())
-            self.rows["map"].append(raw.anomaly_map.squeeze(1).cpu().half())
             self.rows["label"].append(batch.gt_label.flatten().cpu())
-            self.rows["mask"].append(batch.gt_mask.reshape(raw.anomaly_map.squeeze(1).shape).cpu().bool())
+            if raw.anomaly_map is not None:  # GANomaly scores images only
+                self.rows["map"].append(raw.anomaly_map.squeeze(1).cpu().half())
+                self.rows["mask"].append(batch.gt_mask.reshape(raw.anomaly_map.squeeze(1).shape).cpu().bool())
 
         def save(self, path: Path) -> None:
-            torch.save({k: torch.cat(v) for k, v in self.rows.items()}, path)
+            torch.save({k: torch.cat(v) for k, v in self.rows.items() if v}, path)
 
     return RawPredictions()
 
@@ -199,14 +212,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "method",
-        choices=["padim", "patchcore", "cflow", "fastflow_resnet18_random", "draem", "stfpm", "reverse_distillation_resnet18_random"],
+        choices=[
+            "padim", "patchcore", "cflow", "fastflow_resnet18_random", "draem", "stfpm",
+            "reverse_distillation_resnet18_random", "ganomaly",
+        ],
     )
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mvtec")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--normalization", choices=sorted(NORMALIZATION), default="half")
     parser.add_argument("--n-features", type=int, default=176, help="PaDiM's random channel subset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=None, help="DRAEM's input size (default 256)")
+    parser.add_argument("--image-size", type=int, default=None, help="DRAEM's and GANomaly's input size (default 256)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (DRAEM's paper: 8)")
     parser.add_argument(
         "--draem-widths", type=int, nargs=2, default=None, metavar=("RECONSTRUCTION", "DISCRIMINATIVE"),
@@ -248,7 +264,7 @@ def main() -> None:
     folder, category = DATASETS[args.dataset]
     root = png_copy(SHARED / folder, category, args.cache, args.presize)
     datamodule = MVTecAD(root=root, category=category, train_batch_size=args.batch_size, eval_batch_size=32, num_workers=2)
-    model = build_model(args.method, args.normalization, args.n_features, args.image_size, args.draem_widths)
+    model = build_model(args.method, args.normalization, args.n_features, args.image_size, args.draem_widths, args.batch_size)
     name = f"{args.method}_{args.dataset}_{args.normalization}_s{args.seed}_e{args.epochs}"
     name += f"_{args.image_size}px" if args.image_size else ""
     name += f"_{args.limit_train_batches}batches" if args.limit_train_batches else ""
@@ -308,7 +324,8 @@ def main() -> None:
         from anomalib_lite.metrics import compute_metrics
 
         raw = torch.load(out / "raw_predictions.pt")
-        ours = compute_metrics(raw["score"], raw["label"], raw["map"].float(), raw["mask"])
+        maps = raw["map"].float() if "map" in raw else None
+        ours = compute_metrics(raw["score"], raw["label"], maps, raw.get("mask"))
         result |= {f"ours_{k}": v for k, v in ours.items()}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

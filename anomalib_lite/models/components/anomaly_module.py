@@ -253,13 +253,14 @@ class TrainedModule(AnomalyModule):
     measured; the run keeps the weights of the epoch with the best `best_epoch_monitor` (a
     Lightning `ModelCheckpoint` this module adds itself) and tests those, not the last epoch's.
     A method may monitor a label-free `val_synthetic_*` metric instead (without a synthetic
-    validation view, `dataset.val_synthesis: null`, it falls back to `val_loss`).
+    validation view, `dataset.val_synthesis: null`, it falls back to `val_loss`), or None: the
+    last epoch is kept (a method whose last phase makes the scorer, e.g. OGNet's).
     An explicit `trainer.max_epochs` overrides `epochs`.
     """
 
     model_class: type[TrainableModel]
     model: TrainableModel
-    best_epoch_monitor: tuple[str, str] = ("val_loss", "min")
+    best_epoch_monitor: tuple[str, str] | None = ("val_loss", "min")
 
     def __init__(
         self,
@@ -298,9 +299,9 @@ class TrainedModule(AnomalyModule):
         return settings
 
     def configure_callbacks(self) -> list[Callback]:
-        monitor, mode = self.best_epoch_monitor
+        monitor, mode = self.best_epoch_monitor or (None, "min")
         datamodule = getattr(self.trainer, "datamodule", None)
-        if monitor.startswith("val_synthetic_") and getattr(datamodule, "val_synthesis", True) is None:
+        if monitor is not None and monitor.startswith("val_synthetic_") and getattr(datamodule, "val_synthesis", True) is None:
             log.info("dataset.val_synthesis is null: the best epoch is chosen by val_loss instead of %s", monitor)
             monitor, mode = "val_loss", "min"
         return [

@@ -1,0 +1,13 @@
+"""The autoencoder as a LightningModule: the framework's training loop on its reconstruction loss."""
+
+from __future__ import annotations
+
+from anomalib_lite.models.ae.torch_model import AutoencoderModel
+from anomalib_lite.models.components import TrainedModule
+
+
+class Autoencoder(TrainedModule):
+    """AutoencoderModel's arguments and the training settings (epochs, optimizers, schedulers)."""
+
+    model_class = AutoencoderModel
+    model: AutoencoderModel
