@@ -37,8 +37,11 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PYTHON) -m anomalib_lite $(ARGS)
 
+# Two workers, one torch thread each (tests/conftest.py), a test file per worker at a time: the
+# suite's Python-bound parts (composition, subprocesses, files) overlap. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PYTHON) -m pytest -q $(ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 test-slow: $(STAMP)
 	$(PYTHON) -m pytest -q -m slow $(ARGS)

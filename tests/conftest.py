@@ -18,6 +18,12 @@ from anomalib_lite.cli import main
 from anomalib_lite.config import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two pytest workers share the machine's cores: one thread each, or they slow each other down.
+    import torch
+
+    torch.set_num_threads(1)
 CONF = Path(CONFIG_DIR)
 
 # Small enough for seconds-long fits on a 2-core CPU, large enough for meaningful metrics.

@@ -30,11 +30,11 @@ from anomalib_lite.models.components.autoencoders import (
     square_side,
 )
 from anomalib_lite.models.components.gradients import gradients_enabled
-from anomalib_lite.models.components.interfaces import TrainableModel
+from anomalib_lite.models.components.interfaces import Reconstructs, TrainableModel
 from anomalib_lite.schema import PositiveInt, Size
 
 
-class AnoGanModel(TrainableModel):
+class AnoGanModel(TrainableModel, Reconstructs):
     """`latent_channels`: the size of z (DCGAN's 100); `width`, `depth`: the DCGAN's first width and
     stride-2 stages; `residual_weight` is 1 - lambda (0.9); `search_steps`, `search_lr`: the latent search."""
 
@@ -129,6 +129,10 @@ class AnoGanModel(TrainableModel):
         if record:
             trace.append(float(loss.sum()))
         return loss.detach(), fake.detach(), trace
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """G(z) at the end of the latent search."""
+        return (self.search(images)[1] + 1) / 2
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         scores, fake, _ = self.search(images)

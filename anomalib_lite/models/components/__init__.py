@@ -23,13 +23,14 @@ from anomalib_lite.models.components.interfaces import (
     FittedOnEmbeddings,
     MemoryBankModel,
     PreparedOnTrainingImages,
+    Reconstructs,
     TrainableModel,
 )
 from anomalib_lite.models.components.nearest_neighbors import nearest_neighbors
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "AnomalyModel", "AnomalyModule", "AnomalyOutput", "CalibratedOnNormalImages", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
-    "MemoryBankModel", "MemoryBankModule", "PreparedOnTrainingImages", "ResizableBuffersMixin", "TrainableModel", "TrainedModule",
+    "MemoryBankModel", "MemoryBankModule", "PreparedOnTrainingImages", "Reconstructs", "ResizableBuffersMixin", "TrainableModel", "TrainedModule",
     "coverage_radius", "create_backbone", "greedy_coreset", "level_stride", "nearest_neighbors",
     "random_projection", "smooth_anomaly_map",
 ]

@@ -68,6 +68,15 @@ class CalibratedOnNormalImages(ABC):
         """Fit the scales from the components of every held-out normal image (N x K x h x w)."""
 
 
+class Reconstructs(ABC):
+    """A model that scores an image by what it makes of it (autoencoders, GAN generators): its
+    reconstruction, for pictures of input | reconstruction | error (`experiments/reconstruction_figure.py`)."""
+
+    @abstractmethod
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W images in [0, 1] -> the model's reconstructions, in [0, 1]."""
+
+
 class TrainableModel(AnomalyModel):
     """Fitted by gradient descent on normal images.
 

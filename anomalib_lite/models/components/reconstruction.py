@@ -16,7 +16,7 @@ import torch
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.anomaly_map import AnomalyOutput, blur_anomaly_map
 from anomalib_lite.models.components.autoencoders import ConvAutoencoder, square_side
-from anomalib_lite.models.components.interfaces import TrainableModel
+from anomalib_lite.models.components.interfaces import Reconstructs, TrainableModel
 from anomalib_lite.schema import PositiveInt, Size
 
 ERRORS = ("l2", "ssim")
@@ -51,7 +51,7 @@ def reduce_map(anomaly_map: torch.Tensor, reduction: str = "max") -> torch.Tenso
     raise UserInputError(f"the image score must be one of {REDUCTIONS} of the map, got {reduction}")
 
 
-class ReconstructionModel(TrainableModel):
+class ReconstructionModel(TrainableModel, Reconstructs):
     """A trained model scored by its reconstruction error.
 
     `error`: "l2" or "ssim" (the map, and the training loss unless a subclass defines its own);

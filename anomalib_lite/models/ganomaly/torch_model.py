@@ -28,11 +28,11 @@ from anomalib_lite.models.components.autoencoders import (
     init_dcgan_weights,
     square_side,
 )
-from anomalib_lite.models.components.interfaces import TrainableModel
+from anomalib_lite.models.components.interfaces import Reconstructs, TrainableModel
 from anomalib_lite.schema import PositiveInt, Size
 
 
-class GanomalyModel(TrainableModel):
+class GanomalyModel(TrainableModel, Reconstructs):
     """`latent_channels`: the size of z (the paper's 100); `width`: the DCGAN's first width (64);
     `depth`: stride-2 stages (128 px with depth 5 gives DCGAN's 4 x 4 bottom)."""
 
@@ -64,6 +64,9 @@ class GanomalyModel(TrainableModel):
         latent = self.encoder(real)
         fake = self.decoder(latent)
         return real, fake, latent.flatten(1), self.reencoder(fake).flatten(1)
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.generate(images)[1] + 1) / 2
 
     def generator_terms(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """(loss terms with their weighted sum "loss", x in [-1, 1], x_hat): the generator's objective."""

@@ -30,7 +30,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.anomaly_map import AnomalyOutput
 from anomalib_lite.models.components.gradients import gradients_enabled
-from anomalib_lite.models.components.interfaces import TrainableModel
+from anomalib_lite.models.components.interfaces import Reconstructs, TrainableModel
 
 
 def gradient_alignment(gradients: Sequence[torch.Tensor], references: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -43,7 +43,7 @@ def gradient_alignment(gradients: Sequence[torch.Tensor], references: Sequence[t
     return torch.stack(cosines).mean(dim=0)
 
 
-class GradConModel(TrainableModel):
+class GradConModel(TrainableModel, Reconstructs):
     """`widths`: the encoder's channels (the decoder mirrors them); `train_gradient_weight` (0.03)
     and `test_gradient_weight` (0.12): beta in training and in the score."""
 

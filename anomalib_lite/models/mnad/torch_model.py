@@ -28,7 +28,7 @@ from torch import nn
 
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.anomaly_map import AnomalyOutput
-from anomalib_lite.models.components.interfaces import CalibratedOnNormalImages, TrainableModel
+from anomalib_lite.models.components.interfaces import CalibratedOnNormalImages, Reconstructs, TrainableModel
 from anomalib_lite.models.components.memory import MNADMemory
 from anomalib_lite.schema import PositiveInt
 
@@ -47,7 +47,7 @@ def _upsample(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-class MnadModel(TrainableModel, CalibratedOnNormalImages):
+class MnadModel(TrainableModel, CalibratedOnNormalImages, Reconstructs):
     """`width`: the encoder's first width (64; the queries have 8 x width dims); `num_items`: M;
     `psnr_weight`: the score's weight of 1 - P (the paper's 0.6)."""
 
@@ -89,6 +89,9 @@ class MnadModel(TrainableModel, CalibratedOnNormalImages):
         batch, channels, height, width = queries.shape
         rows = self.memory.read(queries.permute(0, 2, 3, 1).reshape(-1, channels))
         return self.decoder(rows.reshape(batch, height, width, 2 * channels).permute(0, 3, 1, 2))
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.decode(self.queries(images)) + 1) / 2
 
     @staticmethod
     def rows(queries: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalib_lite.models.components.anomaly_map import AnomalyOutput
-from anomalib_lite.models.components.interfaces import TrainableModel
+from anomalib_lite.models.components.interfaces import Reconstructs, TrainableModel
 from anomalib_lite.schema import PositiveInt, Size
 
 
@@ -67,7 +67,7 @@ class OgnetDiscriminator(nn.Module):
         return self.classifier(self.features(images)).flatten()
 
 
-class OgnetModel(TrainableModel):
+class OgnetModel(TrainableModel, Reconstructs):
     """`width`: the networks' first width (64); the rest: see the module docstring."""
 
     def __init__(
@@ -127,6 +127,9 @@ class OgnetModel(TrainableModel):
         """Validation loss: G's reconstruction MSE on held-out normal images (no noise)."""
         real = images * 2 - 1
         return F.mse_loss(self.generator(real), real)
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.generator(images * 2 - 1) + 1) / 2
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         real = images * 2 - 1
