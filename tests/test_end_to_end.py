@@ -76,7 +76,7 @@ TINY = {
     # A GAN on 10 images is fragile: image AUROC 0.47-0.91 over the settings tried (width 8 at 96 px:
     # 0.63 on one thread, 0.78 on two); width 16 at 64 px gave 0.72 on one thread and on two.
     "ognet": [
-        "trainer.max_epochs=15", "dataset.batch_size=2", "dataset.image_size=64", "method.width=16", "method.old_epoch=3",
+        "trainer.max_epochs=15", "dataset.batch_size=2", "dataset.image_size=64", "method.width=16", "method.old_fraction=0.2",
     ],
 }
 TRAINED_DEFAULT = ["trainer.max_epochs=3"]

@@ -9,7 +9,9 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from anomalib_lite.errors import UserInputError
+from anomalib_lite.models.ae import AutoencoderModel
 from anomalib_lite.models.anogan import AnoGanModel
+from anomalib_lite.models.components import Reconstructs
 from anomalib_lite.models.components.autoencoders import (
     ConvAutoencoder,
     ConvEncoder,
@@ -355,3 +357,30 @@ def test_ognet_phase_two_trains_the_discriminator_alone_on_good_and_poor_reconst
         output = model(images)
         torch.testing.assert_close(output.pred_score, -model.discriminator(model.generator(real)))
     assert output.anomaly_map.shape == (3, 24, 24)
+
+
+# -- what each model makes of an image (the figure's middle column) -----------------------------
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: AutoencoderModel(32, latent_channels=8, width=4, depth=2),
+        lambda: MemAEModel(32, latent_channels=8, width=4, depth=2, num_items=10),
+        lambda: VaeModel(64, latent_channels=4, decoder_width=4),
+        lambda: GanomalyModel(32, latent_channels=8, width=4, depth=3),
+        lambda: AnoGanModel(32, latent_channels=8, width=4, depth=3, search_steps=2),
+        lambda: MnadModel(width=4, num_items=3),
+        lambda: OgnetModel(32, width=2),
+        lambda: GradConModel(widths=(4, 4)),
+    ],
+    ids=["ae", "memae", "vae", "ganomaly", "anogan", "mnad", "ognet", "gradcon"],
+)
+def test_every_reconstructing_model_gives_images_in_the_input_range(build) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    assert isinstance(model, Reconstructs)
+    side = 64 if isinstance(model, VaeModel) else 32
+    images = torch.rand(2, 3, side, side)
+    with torch.no_grad():
+        reconstructions = model.reconstruct(images)
+    assert reconstructions.shape == images.shape
+    assert float(reconstructions.min()) >= 0 and float(reconstructions.max()) <= 1

@@ -37,7 +37,7 @@ class Ganomaly(TrainedModule):
         self.step(self.optimizer("generator"), terms["loss"])
         discriminator_loss = self.model.discriminator_loss(real, fake.detach())
         self.step(self.optimizer("discriminator"), discriminator_loss)
-        if float(discriminator_loss) < self.collapse_threshold:
+        if float(discriminator_loss.detach()) < self.collapse_threshold:
             self.model.reinitialize_discriminator()
         self.step_schedulers("step")
         size = len(batch)

@@ -17,10 +17,12 @@ and ReLU, none after the last) and a linear layer to one logit. w = 64. Images i
 The training code is not published; the choices made here from the paper's description:
 - phase one: D and G alternate per batch, non-saturating adversarial losses (BCE),
   G's loss = adversarial + `reconstruction_weight` x MSE(G(x + eta), x), eta ~ N(0, `noise_std`^2);
-- G_old: G as it was at the end of epoch `old_epoch` of phase one;
-- phase two: the last `phase_two_epochs` epochs, one D step per batch at `phase_two_lr`; the
-  pseudo anomaly of image i pairs it with the next image of its batch (j = i + 1, cyclic); the
-  loss is the mean of BCE(D(x), 1), BCE(D(G(x)), 1), BCE(D(G_old(x)), 0), BCE(D(pseudo), 0);
+- G_old: G as it was after `old_fraction` (0.6) of phase one's steps (the paper: a low-epoch G;
+  a fraction works for any number of epochs, one included);
+- phase two: after phase one's last step, `phase_two_steps` D steps at `phase_two_lr` on
+  training batches (cycling through them); the pseudo anomaly of image i pairs it with the next
+  image of its batch (j = i + 1, cyclic); the loss is the mean of BCE(D(x), 1), BCE(D(G(x)), 1),
+  BCE(D(G_old(x)), 0) and BCE(D(pseudo), 0);
 - the map: |x - G(x)| (mean over channels, [0, 1] image units), for looking: OGNet scores images.
 """
 
