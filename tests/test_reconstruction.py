@@ -25,7 +25,7 @@ from anomalib_lite.models.gradcon.torch_model import GradConModel, gradient_alig
 from anomalib_lite.models.memae import MemAEModel
 from anomalib_lite.models.mnad import MnadModel
 from anomalib_lite.models.ognet import OgnetModel
-from anomalib_lite.models.vae import VaeModel
+from anomalib_lite.models.vae import Vae, VaeModel
 
 
 # -- memory (MemAE) ----------------------------------------------------------------------------
@@ -153,6 +153,43 @@ def test_vae_kl_term_matches_torch_distributions() -> None:
     with torch.no_grad():  # training samples the latent
         assert float(model.elbo_terms(images)["reconstruction"]) != pytest.approx(float(terms["reconstruction"]), rel=1e-6)
 
+
+def test_vae_decoder_statistics_are_those_of_the_latent_means() -> None:
+    """After `fit`, the decoder's first BatchNorm holds the mean and variance of its input over the
+    decoded latent means (what scoring decodes), not the training run's sampled latents'."""
+    torch.manual_seed(0)
+    model = VaeModel(64, latent_channels=4, decoder_width=4)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics from sampled latents, as training leaves them
+            model.elbo_terms(torch.rand(4, 3, 64, 64))
+    model.eval()
+    with torch.no_grad():
+        means = model.embed(torch.rand(6, 3, 64, 64))
+        first_conv, first_norm = model.decoder.body[0], model.decoder.body[1]
+        before = first_norm.running_mean.clone()
+        model.fit(means, chunk=6)
+        inputs = first_conv(means)
+    assert not model.decoder.training and first_norm.momentum == 0.1
+    torch.testing.assert_close(first_norm.running_mean, inputs.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(first_norm.running_var, inputs.var(dim=(0, 2, 3), unbiased=True))
+    assert not torch.allclose(before, first_norm.running_mean)
+
+
+
+def test_vae_augmentation_keeps_the_test_framing() -> None:
+    """The paper's resize-and-crop frames training images at its test zoom; on top of the
+    datamodule's framing the augmentation may only rotate and shift, not zoom."""
+    module = Vae(epochs=1, optimizers={"model": {"_target_": "torch.optim.Adam"}}, image_size=64, latent_channels=4, decoder_width=4)
+    side = 128
+    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")).float() - (side - 1) / 2
+    disk = (grid.pow(2).sum(0) <= 30**2).float().expand(8, 3, side, side)  # a centred bright disk
+    torch.manual_seed(0)
+    augmented = module.augmentation()(disk)
+    assert augmented.shape == disk.shape
+    area = (augmented[:, 0] > 0.5).flatten(1).sum(1).float() / (disk[:, 0] > 0.5).flatten(1).sum(1)
+    assert torch.all((area - 1).abs() < 0.03), area  # a 292/256 zoom would make it 1.30
+    assert torch.all((augmented[:, 0] - disk[:, 0]).abs().flatten(1).sum(1) > 0)  # and it does move
 
 # -- GANomaly -----------------------------------------------------------------------------------
 def test_ganomaly_scores_an_image_by_itself() -> None:

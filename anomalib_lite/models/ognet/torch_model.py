@@ -107,9 +107,10 @@ class OgnetModel(TrainableModel, Reconstructs):
         generator_loss = terms["adversarial"] + self.reconstruction_weight * terms["reconstruction"]
         return discriminator_loss, generator_loss, terms
 
-    def pseudo_anomalies(self, real: torch.Tensor) -> torch.Tensor:
-        """G_old((G_old(x_i) + G_old(x_j)) / 2) with j = i + 1 (cyclic), for x in [-1, 1]."""
-        old = self.old_generator(real)
+    def pseudo_anomalies(self, real: torch.Tensor, old: torch.Tensor | None = None) -> torch.Tensor:
+        """G_old((G_old(x_i) + G_old(x_j)) / 2) with j = i + 1 (cyclic), for x in [-1, 1]; `old`:
+        G_old(x) if already computed."""
+        old = self.old_generator(real) if old is None else old
         return self.old_generator((old + old.roll(1, dims=0)) / 2)
 
     def phase_two_loss(self, images: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,8 @@ class OgnetModel(TrainableModel, Reconstructs):
         self.generator.eval()  # fixed in phase two, as at test time (BatchNorm with its statistics)
         self.old_generator.eval()
         with torch.no_grad():
-            good, poor, pseudo = self.generator(real), self.old_generator(real), self.pseudo_anomalies(real)
+            good, poor = self.generator(real), self.old_generator(real)
+            pseudo = self.pseudo_anomalies(real, poor)
         discriminator = self.discriminator
         return 0.25 * (
             self._bce(discriminator(real), 1.0) + self._bce(discriminator(good), 1.0)

@@ -1,6 +1,13 @@
-"""The VAE as a LightningModule, with the PaDiM paper's training augmentation: at 256 px, rotation
-by U(-2, 2) degrees, resize to 292, random crop of 282, centre crop of 256 (scaled with the
-input side for other sizes)."""
+"""The VAE as a LightningModule, with the PaDiM paper's training augmentation.
+
+The paper: rotation by U(-2, 2) degrees, resize to 292, random crop of 282, centre crop of 256,
+against test images resized to 256 and centre-cropped to 224 (the paper's protocol). Both frame
+the object at the same zoom (292 / 256 = 1.14 = 256 / 224): what the augmentation adds is the
+rotation and a random shift of up to +-5 px at 292 (the 282 crop's slack). Here every image,
+training or test, already has the datamodule's framing, so the augmentation is that rotation and
+shift alone (reflection fills the few border pixels they uncover). Zooming again on top of the
+datamodule's framing (this module's first version) trains on a scale the test never shows.
+"""
 
 from __future__ import annotations
 
@@ -23,15 +30,13 @@ class Vae(TrainedModule):
         self.augment = augment
         self.rotation_degrees = rotation_degrees
 
-    def augmentation(self, side: int) -> K.AugmentationSequential:
-        resized, cropped = round(side * 292 / 256), round(side * 282 / 256)
-        return K.AugmentationSequential(
-            K.RandomRotation(self.rotation_degrees, p=1.0), K.Resize((resized, resized)),
-            K.RandomCrop((cropped, cropped)), K.CenterCrop((side, side)),
-        )
+    def augmentation(self) -> K.RandomAffine:
+        """Rotation U(-r, r) degrees and a shift of up to 5 / 292 of the side (the paper's crop slack)."""
+        shift = (292 - 282) / 2 / 292
+        return K.RandomAffine(self.rotation_degrees, translate=(shift, shift), padding_mode="reflection", p=1.0)
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         images = batch.image
         if self.augment:
-            images = self.augmentation(images.shape[-1])(images).clamp(0, 1)
+            images = self.augmentation()(images).clamp(0, 1)
         return self.model.elbo_terms(images)

@@ -6,6 +6,14 @@ per-pixel L2 reconstruction error as the anomaly map. The decoder is not describ
 encoder with transposed convolutions (`components.autoencoders.ConvDecoder`). Training maximises
 the evidence lower bound with one reparameterised sample; scoring reconstructs from the latent's
 mean, so a test image's map is deterministic.
+
+The decoder's BatchNorm statistics are re-estimated for that scoring path before every
+validation (`fit`: the training images' latent means, decoded in train mode, a cumulative
+average). The running statistics gathered in training come from sampled latents, whose variance
+is the means' plus the posterior's: decoding the means with them mis-scales every layer. On
+bottle at 128 px the validation loss then rose from 2137 to 5407 over 50 epochs while the
+training loss fell (the run kept epoch 1: image AUROC 0.56); decoding sampled latents, or the
+means with batch statistics, gave losses at the training loss's level.
 """
 
 from __future__ import annotations
@@ -18,11 +26,12 @@ from torch import nn
 
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.autoencoders import ConvDecoder, square_side
+from anomalib_lite.models.components.interfaces import FittedOnEmbeddings
 from anomalib_lite.models.components.reconstruction import ReconstructionModel, reconstruction_error_map
 from anomalib_lite.schema import PositiveInt, Size
 
 
-class VaeModel(ReconstructionModel):
+class VaeModel(ReconstructionModel, FittedOnEmbeddings):
     """`encoder`: a timm architecture, built without pretrained weights; its last feature map
     (stride 32 for ResNet-18) gives the mean and log-variance of a `latent_channels` x h x w
     latent (1 x 1 convolutions). `decoder_width`: channels of the decoder's last stage, doubled
@@ -76,3 +85,26 @@ class VaeModel(ReconstructionModel):
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
         return self.elbo_terms(images)["loss"]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The latent means (what scoring decodes)."""
+        return self.encode(images)[0]
+
+    @torch.no_grad()
+    def fit(self, embeddings: torch.Tensor, chunk: int = 32) -> None:
+        """The decoder's BatchNorm running statistics from decoding every training image's latent
+        mean (train mode, cumulative average over chunks): the statistics of the scoring path."""
+        norms = [m for m in self.decoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        was_training = self.decoder.training
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+        self.decoder.train()
+        try:
+            for latents in embeddings.split(chunk):
+                self.decoder(latents)
+        finally:
+            self.decoder.train(was_training)
+            for norm, momentum in zip(norms, momenta):
+                norm.momentum = momentum
