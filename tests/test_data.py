@@ -74,6 +74,28 @@ def test_mvtec_split_resize_crop_and_batches(synthetic_root) -> None:
     assert {s.image_path for s in other_seed.val_samples} != {s.image_path for s in datamodule.val_samples}
 
 
+def test_rd_protocol_transforms_every_split_and_keeps_the_model_resize(synthetic_root) -> None:
+    settings = {"image_size": 48, "crop_size": 40, "batch_size": 4, "num_workers": 0, "val_ratio": 0.2}
+    aligned = MVTecDataModule(synthetic_root, "disc", **settings)
+    rd = MVTecDataModule(synthetic_root, "disc", protocol="rd", **settings)
+    for datamodule in (aligned, rd):
+        datamodule.setup()
+    assert rd.resize.settings() == aligned.resize.settings()  # a checkpoint scores new images with the centre crop
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        batch_aligned, batch_rd = next(iter(getattr(aligned, loader)())), next(iter(getattr(rd, loader)()))
+        assert batch_rd.image.shape == batch_aligned.image.shape and not torch.equal(batch_rd.image, batch_aligned.image)
+    # The same draw in another run; masks stay 0/1 (their alignment with the image: test_retrieval.py).
+    again = MVTecDataModule(synthetic_root, "disc", protocol="rd", **settings)
+    again.setup()
+    first, second = next(iter(rd.test_dataloader())), next(iter(again.test_dataloader()))
+    assert torch.equal(first.image, second.image) and torch.equal(first.mask, second.mask)
+    assert set(torch.unique(first.mask).tolist()) <= {0.0, 1.0}
+    with pytest.raises(UserInputError, match="crop_size"):
+        MVTecDataModule(synthetic_root, "disc", image_size=48, protocol="rd")
+    with pytest.raises(UserInputError, match="protocol must be one of"):
+        MVTecDataModule(synthetic_root, "disc", image_size=48, crop_size=40, protocol="rotated")
+
+
 def test_grayscale_rgba_and_jpeg_become_rgb(tmp_path, synthetic_root) -> None:
     import shutil
 

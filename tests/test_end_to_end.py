@@ -73,6 +73,9 @@ TINY = {
     "gradcon": ["trainer.max_epochs=30", "dataset.batch_size=2"],
     "ganomaly": ["trainer.max_epochs=6", "dataset.batch_size=2", "method.width=16"],
     "anogan": ["trainer.max_epochs=3", "dataset.batch_size=2", "method.width=16", "method.search_steps=30"],
+    # The authors' steps of 64 pairs, 100 draws per image per epoch, cost ~100 GFLOP each: 8 draws
+    # in steps of 16 (3 epochs of 16 draws: pixel AUROC 0.94 in 111 s, best epoch 1).
+    "patch_svdd": ["trainer.max_epochs=2", "method.pairs_per_image=8", "method.pairs_per_step=16"],
     # A GAN on 10 images is fragile: image AUROC 0.47-0.91 over the settings tried (width 8 at 96 px:
     # 0.63 on one thread, 0.78 on two); width 16 at 64 px gave 0.72 on one thread and on two.
     "ognet": [

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from anomalib_lite.data.batch import collate_items
 from anomalib_lite.data.image_io import DataReport, check_files
+from anomalib_lite.data.protocols import Protocol, RandomRotationCrop, check_protocol
 from anomalib_lite.data.samples import AnomalyDataset, ImageResize, Sample, list_images
 from anomalib_lite.data.validation import ValidationSet
 from anomalib_lite.errors import UserInputError
@@ -32,6 +33,9 @@ class AnomalyDataModule(L.LightningDataModule):
     turns that off), for label-free model selection.
     `num_shots=k` (few-shot) then keeps k of the remaining normal images for fitting, drawn with
     the same seed; validation still uses the held-out slice, never the test set.
+    `protocol="rd"`: the PaDiM paper's RdMVTec, every image (training, validation, test) rotated by
+    U(-`rd_max_angle`, `rd_max_angle`) degrees and cropped at random to `crop_size`, fixed per image
+    (`protocols.RandomRotationCrop`); "aligned" (default): the centre crop.
     Whether the training images are shuffled is the method's call (`AnomalyModule.train_shuffle`).
     Subclasses implement `scan()` returning (normal training samples, test samples).
     """
@@ -48,9 +52,22 @@ class AnomalyDataModule(L.LightningDataModule):
         num_shots: PositiveInt | None = None,
         val_synthesis: dict | None = DEFAULT_VAL_SYNTHESIS,
         mask_threshold: Annotated[float, NonNegative] = 0,
+        protocol: Protocol = "aligned",
+        rd_max_angle: Annotated[float, NonNegative] = 10.0,
     ) -> None:
         super().__init__()
         self.resize = ImageResize(image_size, crop_size)
+        check_protocol(protocol)
+        self.protocol = protocol
+        # The data sets' resize and per-image geometry. RdMVTec ("rd") replaces the centre crop by a
+        # rotation and a random crop per image; the model's own resize (`self.resize`, what a
+        # checkpoint scores new images with) keeps the centre crop.
+        self.dataset_resize, self.geometry = self.resize, None
+        if protocol == "rd":
+            if crop_size is None:
+                raise UserInputError("dataset.protocol=rd crops at random: set dataset.crop_size (the paper: 256 -> 224)")
+            self.dataset_resize = ImageResize(image_size)
+            self.geometry = RandomRotationCrop(self.resize.size, self.resize.output_size, rd_max_angle, seed)
         self.mask_threshold = mask_threshold
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -186,15 +203,16 @@ class AnomalyDataModule(L.LightningDataModule):
         return module.train_shuffle if isinstance(module, AnomalyModule) else True
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(AnomalyDataset(self.train_samples, self.resize), self.batch_size, self._train_shuffle())
+        dataset = AnomalyDataset(self.train_samples, self.dataset_resize, geometry=self.geometry)
+        return self._loader(dataset, self.batch_size, self._train_shuffle())
 
     def val_dataloader(self) -> DataLoader:
         # In-process: the set is small and its decoded images are cached across epochs.
-        dataset = ValidationSet(self.val_samples, self.resize, self.val_synthesis, self.seed)
+        dataset = ValidationSet(self.val_samples, self.dataset_resize, self.val_synthesis, self.seed, geometry=self.geometry)
         return self._loader(dataset, self.eval_batch_size, num_workers=0)
 
     def test_dataloader(self) -> DataLoader:
-        dataset = AnomalyDataset(self.test_samples, self.resize, self.mask_threshold)
+        dataset = AnomalyDataset(self.test_samples, self.dataset_resize, self.mask_threshold, geometry=self.geometry)
         return self._loader(dataset, self.eval_batch_size)
 
 

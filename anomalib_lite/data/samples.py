@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from anomalib_lite.data.batch import Item
 from anomalib_lite.data.image_io import read_image, read_mask
+from anomalib_lite.data.protocols import RandomRotationCrop
 from anomalib_lite.errors import UserInputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -103,24 +104,30 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 class AnomalyDataset(Dataset):
     """Images as float tensors in [0, 1] (RGB, C x H x W) with their masks (H x W, 0/1), as `Item`s."""
 
-    def __init__(self, samples: Sequence[Sample], resize: ImageResize, mask_threshold: float = 0) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], resize: ImageResize, mask_threshold: float = 0, geometry: RandomRotationCrop | None = None
+    ) -> None:
         self.samples = list(samples)
         self.resize = resize
         self.mask_threshold = mask_threshold
+        # A per-image transform after the resize (`protocols`: RdMVTec's rotation and random crop).
+        self.geometry = geometry
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load_image(self, index: int) -> torch.Tensor:
         # Grey, palette, RGBA, 16-bit and float inputs all become RGB in [0, 1] (image_io).
-        return self.resize.to_tensor(read_image(self.samples[index].image_path))
+        image = self.resize.to_tensor(read_image(self.samples[index].image_path))
+        return self.geometry.image(image, str(self.samples[index].image_path)) if self.geometry else image
 
     def load_mask(self, index: int, size: tuple[int, int]) -> torch.Tensor:
         mask_path = self.samples[index].mask_path
         if mask_path is None:
             return torch.zeros(size)
         mask = self.resize(Image.fromarray(read_mask(mask_path, self.mask_threshold)), Image.Resampling.NEAREST)
-        return torch.from_numpy(np.asarray(mask, dtype=np.float32))
+        mask = torch.from_numpy(np.asarray(mask, dtype=np.float32))
+        return self.geometry.mask(mask, str(self.samples[index].image_path)) if self.geometry else mask
 
     def __getitem__(self, index: int) -> Item:
         sample = self.samples[index]

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from anomalib_lite.data.anomaly_synthesis import CutBlendSynthesizer, PerlinSynthesizer, SeededSynthesizer
 from anomalib_lite.data.batch import Item
+from anomalib_lite.data.protocols import RandomRotationCrop
 from anomalib_lite.data.samples import AnomalyDataset, ImageResize, Sample
 
 SYNTHETIC_DEFECT_TYPE = "synthetic"
@@ -42,8 +43,9 @@ class ValidationSet(Dataset):
         synthesis: dict | None = None,
         seed: int = 0,
         cache_bytes: int = 1 << 30,
+        geometry: RandomRotationCrop | None = None,
     ) -> None:
-        self.images = AnomalyDataset(samples, resize)
+        self.images = AnomalyDataset(samples, resize, geometry=geometry)
         self.synthesizer = validation_synthesizer(synthesis)
         self.seed = seed
         self.cache_bytes = cache_bytes

@@ -1,6 +1,11 @@
 """Pieces shared by every method: no method owns them, every method may import them."""
 
-from anomalib_lite.models.components.anomaly_map import AnomalyOutput, smooth_anomaly_map
+from anomalib_lite.models.components.anomaly_map import (
+    AnomalyOutput,
+    average_over_patches,
+    blur_anomaly_map,
+    smooth_anomaly_map,
+)
 from anomalib_lite.models.components.anomaly_module import AnomalyModule, MemoryBankModule, TrainedModule
 from anomalib_lite.models.components.buffers import ResizableBuffersMixin
 from anomalib_lite.models.components.coreset import (
@@ -20,6 +25,7 @@ from anomalib_lite.models.components.feature_extractor import (
 from anomalib_lite.models.components.interfaces import (
     AnomalyModel,
     CalibratedOnNormalImages,
+    Embeddings,
     FittedOnEmbeddings,
     MemoryBankModel,
     PreparedOnTrainingImages,
@@ -29,8 +35,8 @@ from anomalib_lite.models.components.interfaces import (
 from anomalib_lite.models.components.nearest_neighbors import nearest_neighbors
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "AnomalyModel", "AnomalyModule", "AnomalyOutput", "CalibratedOnNormalImages", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
+    "IMAGENET_MEAN", "IMAGENET_STD", "AnomalyModel", "AnomalyModule", "AnomalyOutput", "CalibratedOnNormalImages", "Embeddings", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
     "MemoryBankModel", "MemoryBankModule", "PreparedOnTrainingImages", "Reconstructs", "ResizableBuffersMixin", "TrainableModel", "TrainedModule",
-    "coverage_radius", "create_backbone", "greedy_coreset", "level_stride", "nearest_neighbors",
+    "average_over_patches", "blur_anomaly_map", "coverage_radius", "create_backbone", "greedy_coreset", "level_stride", "nearest_neighbors",
     "random_projection", "smooth_anomaly_map",
 ]

@@ -43,6 +43,7 @@ from anomalib_lite.models.components.anomaly_map import AnomalyOutput
 from anomalib_lite.models.components.interfaces import (
     AnomalyModel,
     CalibratedOnNormalImages,
+    Embeddings,
     FittedOnEmbeddings,
     MemoryBankModel,
     PreparedOnTrainingImages,
@@ -55,6 +56,14 @@ log = logging.getLogger(__name__)
 
 # The label-free selection metrics, computed on the synthetic validation view after each validation.
 VALIDATION_METRICS = ("val_synthetic_image_auroc", "val_synthetic_pixel_auroc", "val_synthetic_aupro")
+
+
+def gather_rows(module: L.LightningModule, rows: list[Embeddings], index: torch.Tensor) -> Embeddings:
+    """Per-batch results (tensors, or dicts of named tensors) -> one result over all DDP ranks, in
+    dataset order, of the same kind."""
+    if isinstance(rows[0], dict):
+        return gather_samples(module, {key: torch.cat([row[key] for row in rows]) for key in rows[0]}, index)
+    return gather_samples(module, {"row": torch.cat(rows)}, index)["row"]
 
 
 class AnomalyModule(L.LightningModule):
@@ -207,7 +216,7 @@ class MemoryBankModule(AnomalyModule):
         self.save_hyperparameters()
         # Nothing to optimise: manual mode runs training_step as a plain loop body (also under DDP).
         self.automatic_optimization = False
-        self._train_embeddings: list[torch.Tensor] = []
+        self._train_embeddings: list[Embeddings] = []
         self._train_index: list[torch.Tensor] = []
 
     def trainer_settings(self, requested: Mapping[str, Any]) -> dict[str, Any]:
@@ -226,13 +235,11 @@ class MemoryBankModule(AnomalyModule):
         self._train_index.append(batch.index.to(self.device))
 
     def on_train_epoch_end(self) -> None:
-        gathered = gather_samples(
-            self, {"embedding": torch.cat(self._train_embeddings)}, torch.cat(self._train_index)
-        )
+        rows, index = self._train_embeddings, torch.cat(self._train_index)
         self._train_embeddings, self._train_index = [], []
-        self.fit_model(gathered["embedding"])
+        self.fit_model(gather_rows(self, rows, index))
 
-    def fit_model(self, embeddings: torch.Tensor) -> None:
+    def fit_model(self, embeddings: Embeddings) -> None:
         """Fit the torch model on every training image's embedding (every rank holds all of them)."""
         self.model.fit(embeddings)
 
@@ -444,10 +451,11 @@ class TrainedModule(AnomalyModule):
 
     @torch.no_grad()
     def gather_over(
-        self, loader: Iterable[Batch], compute: Callable[[torch.Tensor], torch.Tensor], normal_only: bool = False,
+        self, loader: Iterable[Batch], compute: Callable[[torch.Tensor], Embeddings], normal_only: bool = False,
         what: str = "pass over the images",
-    ) -> torch.Tensor:
-        """`compute` on every image of `loader` (eval mode, no gradients), concatenated in dataset order.
+    ) -> Embeddings:
+        """`compute` on every image of `loader` (eval mode, no gradients), concatenated in dataset order
+        (per name, when `compute` returns named tensors).
 
         Under DDP each rank computes its share; the results are gathered in dataset order, so
         every rank holds what a single process would. `normal_only`: only images labelled normal.
@@ -467,7 +475,7 @@ class TrainedModule(AnomalyModule):
         self.model.train(was_training)
         if not rows:
             return torch.zeros(0, device=self.device)
-        return gather_samples(self, {"row": torch.cat(rows)}, torch.cat(indices))["row"]
+        return gather_rows(self, rows, torch.cat(indices))
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)

@@ -21,16 +21,21 @@ class AnomalyModel(nn.Module, ABC):
     def forward(self, images: torch.Tensor) -> AnomalyOutput: ...
 
 
+# What `embed` returns: one tensor, or named tensors (e.g. a global vector and feature maps of
+# several resolutions) that share the first dimension B; `fit` receives the same kind.
+Embeddings = torch.Tensor | dict[str, torch.Tensor]
+
+
 class FittedOnEmbeddings(ABC):
     """Part of the model is fitted to the embeddings of every normal training image (a memory bank,
     Gaussians, a density), in one pass without gradients."""
 
     @abstractmethod
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> Embeddings:
         """Per-image embeddings (first dimension B), gathered over the whole training set for `fit`."""
 
     @abstractmethod
-    def fit(self, embeddings: torch.Tensor) -> None:
+    def fit(self, embeddings: Embeddings) -> None:
         """Build the model (memory bank, Gaussians, ...) from every training image's embedding, in dataset order."""
 
 

@@ -18,7 +18,7 @@ from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from anomalib_lite.models.components import AnomalyOutput, FittedOnEmbeddings, ImageEncoder, TrainableModel
-from anomalib_lite.models.components.anomaly_map import smooth_anomaly_map
+from anomalib_lite.models.components.anomaly_map import average_over_patches, blur_anomaly_map
 from anomalib_lite.schema import PositiveInt
 
 NUM_CLASSES = 3  # normal, CutPaste, CutPaste-Scar (the paper's 3-way task)
@@ -179,12 +179,6 @@ class CutPasteModel(TrainableModel, FittedOnEmbeddings):
             return AnomalyOutput(scores, scores.view(-1, 1, 1).expand(-1, height, width).contiguous())
         features, ys, xs = self._patch_features(images)
         patch_scores = self.patch_density(features).view(len(images), len(ys), len(xs))
-        total = images.new_zeros(len(images), height, width)
-        coverage = images.new_zeros(1, height, width)
-        p = self.patch_size
-        for row, y in enumerate(ys):
-            for column, x in enumerate(xs):
-                total[:, y : y + p, x : x + p] += patch_scores[:, row, column].view(-1, 1, 1)
-                coverage[:, y : y + p, x : x + p] += 1
-        anomaly_map = smooth_anomaly_map(total / coverage, (height, width), self.map_sigma)
+        patch_map = average_over_patches(patch_scores, (height, width), self.patch_size, ys, xs)
+        anomaly_map = blur_anomaly_map(patch_map, self.map_sigma)
         return AnomalyOutput(scores, anomaly_map)
