@@ -8,7 +8,9 @@ column and a mean row) and writes every run's row to CSV (default: <sweep dir>/r
 No run is hidden: the settings that differ between runs of the same method (read from each run's
 config.yaml: image size, seed, coreset ratio, ...) name the rows and get their own CSV columns,
 and runs that still share a cell are told apart by their folder. `--rows method num_shots` makes
-the rows from chosen metrics.json or config fields instead (e.g. a few-shot table).
+the rows from chosen metrics.json or config fields instead (e.g. a few-shot table); with
+`--aggregate`, the runs that share a row and a category (e.g. ten seeds) make one cell, their
+mean +- standard deviation (n).
 """
 
 from __future__ import annotations
@@ -108,9 +110,10 @@ def _field(run: dict, field: str) -> object:
     return run[field] if field in run else run.get("config", {}).get(field)
 
 
-def row_keys(runs: list[dict], rows: list[str] | None = None) -> list[str]:
+def row_keys(runs: list[dict], rows: list[str] | None = None, aggregate: bool = False) -> list[str]:
     """One table row name per run: method (and backbone when several), then the settings that vary
-    (or the `rows` fields); the run folder is added where two runs would still share a cell."""
+    (or the `rows` fields); the run folder is added where two runs would still share a cell,
+    unless they are to be aggregated."""
     several_backbones = len({r.get("backbone") for r in runs}) > 1
     settings = varying_settings(runs) if rows is None else []
     names = short_names(settings)
@@ -123,6 +126,8 @@ def row_keys(runs: list[dict], rows: list[str] | None = None) -> list[str]:
         return " ".join([head, *present])
 
     keys = [key(run) for run in runs]
+    if aggregate:
+        return keys
     seen = defaultdict(list)
     for index, (name, run) in enumerate(zip(keys, runs)):
         seen[(name, run.get("category"))].append(index)
@@ -133,22 +138,43 @@ def row_keys(runs: list[dict], rows: list[str] | None = None) -> list[str]:
     return keys
 
 
-def markdown_table(runs: list[dict], metric: str, rows: list[str] | None = None) -> str:
-    """Rows: one per configuration (see `row_keys`); columns: categories, then the mean."""
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
+def markdown_table(runs: list[dict], metric: str, rows: list[str] | None = None, aggregate: bool = False) -> str:
+    """Rows: one per configuration (see `row_keys`); columns: categories, then the mean. With
+    `aggregate`, a cell holding several runs shows mean +- standard deviation (n) and counts as its mean."""
     categories = sorted({r["category"] for r in runs})
-    cells: dict[str, dict[str, float | None]] = defaultdict(dict)
-    for key, run in zip(row_keys(runs, rows), runs):
-        cells[key][run["category"]] = run.get(metric)
+    cells: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for key, run in zip(row_keys(runs, rows, aggregate), runs):
+        if run.get(metric) is not None:
+            cells[key][run["category"]].append(run[metric])
+        else:
+            cells[key].setdefault(run["category"], [])
+
+    def value(key: str, category: str) -> float | None:
+        present = cells[key].get(category) or []
+        return _mean_std(present)[0] if present else None
+
+    def text(key: str, category: str) -> str:
+        present = cells[key].get(category) or []
+        if len(present) > 1:
+            mean, std = _mean_std(present)
+            return f"{mean:.3f} ± {std:.3f} ({len(present)})"
+        return _fmt(present[0] if present else None)
+
     lines = [f"| {metric} | " + " | ".join(categories) + " | mean |", "|---" * (len(categories) + 2) + "|"]
     for key in sorted(cells):
-        values = [cells[key].get(c) for c in categories]
-        present = [v for v in values if v is not None]
+        present = [v for v in (value(key, c) for c in categories) if v is not None]
         mean = sum(present) / len(present) if present else None
-        lines.append(f"| {key} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(mean)} |")
-    # The mean row: every method's mean per category.
+        lines.append(f"| {key} | " + " | ".join(text(key, c) for c in categories) + f" | {_fmt(mean)} |")
+    # The mean row: every row's mean per category.
     column_means = []
     for category in categories:
-        present = [cells[k][category] for k in cells if cells[k].get(category) is not None]
+        present = [v for v in (value(k, category) for k in cells) if v is not None]
         column_means.append(sum(present) / len(present) if present else None)
     present = [v for v in column_means if v is not None]
     lines.append("| mean | " + " | ".join(_fmt(v) for v in column_means) + f" | {_fmt(sum(present) / len(present) if present else None)} |")
@@ -171,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=None, help="CSV output (default: <sweep_dir>/results.csv)")
     parser.add_argument("--metrics", nargs="+", default=["image_auroc", "pixel_auroc", "pixel_aupro"])
     parser.add_argument("--rows", nargs="+", default=None, help="metrics.json fields that name a row")
+    parser.add_argument("--aggregate", action="store_true", help="runs sharing a row and category: mean +- std (n)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"collect: error: not a folder: {args.sweep_dir}", file=sys.stderr)
@@ -180,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"collect: error: no metrics.json under {args.sweep_dir}", file=sys.stderr)
         return 2
     for metric in args.metrics:
-        print(markdown_table(runs, metric, args.rows) + "\n")
+        print(markdown_table(runs, metric, args.rows, args.aggregate) + "\n")
     csv_path = args.csv or args.sweep_dir / "results.csv"
     write_csv(runs, csv_path)
     print(f"{len(runs)} runs -> {csv_path}")

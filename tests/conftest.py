@@ -122,3 +122,16 @@ def error_lines(stderr: str) -> list[str]:
 
 def cli_tiny_args(cache_dir: Path, synthetic: bool = True) -> list[str]:
     return [*(TINY_DATA if synthetic else TINY_COMMON), f"paths.cache_dir={cache_dir}"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for xdist's `--dist loadgroup` (the Makefile's): a file's tests stay on one worker, so
+    its module fixtures are built once, as with `--dist loadfile`; except the end-to-end tests,
+    grouped per method, so that the methods' fits (most of the suite's time) spread over workers."""
+    for item in items:
+        group = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if group.endswith("test_end_to_end") and "method" in params:
+            group = f"{group}[{params['method']}]"
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -32,6 +32,17 @@ def test_few_shot_rows_and_means(tmp_path: Path, capsys) -> None:
     assert rows[0].startswith("method,backbone,dataset,category,seed,num_shots") and len(rows) == 5
 
 
+def test_aggregate_gives_mean_and_std_over_seeds(tmp_path: Path, capsys) -> None:
+    for seed, score in enumerate((0.6, 0.8, 0.7)):
+        _run(tmp_path, f"r{seed}", method="regad", num_shots=2, seed=seed, image_auroc=score)
+    _run(tmp_path, "p0", method="patchcore", num_shots=2, seed=0, image_auroc=0.9)
+    assert collect.main([str(tmp_path), "--metrics", "image_auroc", "--rows", "method", "num_shots", "--aggregate"]) == 0
+    table = capsys.readouterr().out
+    assert "| regad num_shots=2 | 0.700 ± 0.100 (3) | 0.700 |" in table
+    assert "| patchcore num_shots=2 | 0.900 | 0.900 |" in table
+    assert "| mean | 0.800 | 0.800 |" in table  # the rows' means: (0.7 + 0.9) / 2
+
+
 def test_selection_study_on_hand_made_trials(tmp_path: Path, capsys) -> None:
     spec = importlib.util.spec_from_file_location("selection", REPO / "experiments" / "selection_study.py")
     selection = importlib.util.module_from_spec(spec)

@@ -22,6 +22,7 @@ from anomalib_lite.models.components.feature_extractor import (
     create_backbone,
     level_stride,
 )
+from anomalib_lite.models.components.gaussian import fit_position_gaussians, position_mahalanobis
 from anomalib_lite.models.components.interfaces import (
     AnomalyModel,
     CalibratedOnNormalImages,
@@ -37,6 +38,6 @@ from anomalib_lite.models.components.nearest_neighbors import nearest_neighbors
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "AnomalyModel", "AnomalyModule", "AnomalyOutput", "CalibratedOnNormalImages", "Embeddings", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
     "MemoryBankModel", "MemoryBankModule", "PreparedOnTrainingImages", "Reconstructs", "ResizableBuffersMixin", "TrainableModel", "TrainedModule",
-    "average_over_patches", "blur_anomaly_map", "coverage_radius", "create_backbone", "greedy_coreset", "level_stride", "nearest_neighbors",
-    "random_projection", "smooth_anomaly_map",
+    "average_over_patches", "blur_anomaly_map", "coverage_radius", "create_backbone", "fit_position_gaussians", "greedy_coreset", "level_stride", "nearest_neighbors",
+    "position_mahalanobis", "random_projection", "smooth_anomaly_map",
 ]

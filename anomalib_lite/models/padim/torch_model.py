@@ -10,6 +10,8 @@ from anomalib_lite.models.components import (
     FeatureExtractor,
     MemoryBankModel,
     ResizableBuffersMixin,
+    fit_position_gaussians,
+    position_mahalanobis,
     smooth_anomaly_map,
 )
 from anomalib_lite.schema import Levels
@@ -70,31 +72,15 @@ class PadimModel(ResizableBuffersMixin, MemoryBankModel):
             offset += channels
         return torch.cat(selected, dim=1).contiguous()
 
-    @torch.no_grad()
     def fit(self, embeddings: torch.Tensor) -> None:
         """Per-position Gaussian from N x d x h x w training embeddings (positions in chunks)."""
-        num, dim = embeddings.shape[:2]
-        if num < 2:
+        if embeddings.shape[0] < 2:
             raise ValueError("PaDiM needs at least 2 training images to estimate a covariance")
-        flat = embeddings.reshape(num, dim, -1)
-        mean = flat.mean(dim=0)
-        inverses = []
-        identity = torch.eye(dim, device=flat.device, dtype=torch.float64)
-        for start in range(0, flat.shape[2], self.fit_chunk_size):
-            # P x N x d, centred: the covariance is a batched matrix product over positions.
-            centred = (flat[:, :, start : start + self.fit_chunk_size] - mean[:, start : start + self.fit_chunk_size])
-            centred = centred.permute(2, 0, 1).double().contiguous()  # bmm on permuted strides is ~8x slower
-            covariance = centred.transpose(1, 2) @ centred / (num - 1) + self.covariance_eps * identity
-            inverses.append(torch.linalg.inv(covariance).float())
-        self.mean = mean.contiguous()
-        self.inv_covariance = torch.cat(inverses).contiguous()
+        self.mean, self.inv_covariance = fit_position_gaussians(embeddings, self.covariance_eps, self.fit_chunk_size)
 
     def mahalanobis(self, embedding: torch.Tensor) -> torch.Tensor:
         """B x d x h x w embeddings -> B x h x w Mahalanobis distances to each position's Gaussian."""
-        batch, dim, h, w = embedding.shape
-        delta = (embedding.reshape(batch, dim, -1) - self.mean).permute(2, 0, 1).contiguous()  # P x B x d (bmm: contiguous)
-        squared = ((delta @ self.inv_covariance) * delta).sum(dim=2)  # P x B
-        return squared.clamp_min(0).sqrt().T.reshape(batch, h, w)
+        return position_mahalanobis(embedding, self.mean, self.inv_covariance)
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.mean.numel() == 0:
