@@ -133,5 +133,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
         params = getattr(getattr(item, "callspec", None), "params", {})
         if group.endswith("test_end_to_end") and "method" in params:
-            group = f"{group}[{params['method']}]"
+            group = f"{group}.{params['method']}"  # no brackets: xdist reads a group only after the last "]"
         item.add_marker(pytest.mark.xdist_group(group))

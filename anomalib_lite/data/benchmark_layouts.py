@@ -10,7 +10,7 @@ import csv
 import logging
 from pathlib import Path
 
-from anomalib_lite.data.datamodule import AnomalyDataModule
+from anomalib_lite.data.datamodule import CategoryDataModule
 from anomalib_lite.data.samples import Sample, list_images
 from anomalib_lite.errors import UserInputError
 
@@ -31,7 +31,7 @@ def _category_dir(root: Path, category: str, expected: str, marker: str) -> Path
     return folder
 
 
-class BTADDataModule(AnomalyDataModule):
+class BTADDataModule(CategoryDataModule):
     """BTAD (beanTech, 2021): `<root>/<category>/{train/ok, test/ok, test/ko, ground_truth/ko}`.
 
     Categories `01`, `02`, `03`; images are `.bmp` or `.png` depending on the category, and so are
@@ -40,15 +40,6 @@ class BTADDataModule(AnomalyDataModule):
 
     dataset_name = "btad"
     LAYOUT = "<root>/<category>/train/ok, test/{ok,ko}, ground_truth/ko/<stem>.png|.bmp (BTAD)"
-
-    def __init__(self, root: str | Path, category: str, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.root = Path(root).expanduser()
-        self.category = category
-
-    @property
-    def name(self) -> str:
-        return f"{self.root}/{self.category}"
 
     def scan(self) -> tuple[list[Sample], list[Sample]]:
         folder = _category_dir(self.root, self.category, self.LAYOUT, "train/ok")
@@ -66,7 +57,7 @@ class BTADDataModule(AnomalyDataModule):
         return train, test
 
 
-class VisADataModule(AnomalyDataModule):
+class VisADataModule(CategoryDataModule):
     """VisA (Zou et al., 2022) as published: `<root>/split_csv/1cls.csv` (columns object, split,
     label, image, mask; paths relative to the root) over `<root>/<category>/Data/{Images,Masks}`.
 
@@ -79,14 +70,8 @@ class VisADataModule(AnomalyDataModule):
     SPLIT_FILE = "split_csv/1cls.csv"
 
     def __init__(self, root: str | Path, category: str, split_file: str = SPLIT_FILE, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.root = Path(root).expanduser()
-        self.category = category
+        super().__init__(root, category, **kwargs)
         self.split_file = split_file
-
-    @property
-    def name(self) -> str:
-        return f"{self.root}/{self.category}"
 
     def scan(self) -> tuple[list[Sample], list[Sample]]:
         expected = f"<root>/{self.split_file} with columns object,split,label,image,mask (VisA)"
@@ -149,7 +134,7 @@ def read_dagm_labels(label_dir: Path) -> dict[str, str | None]:
     return result
 
 
-class DAGMDataModule(AnomalyDataModule):
+class DAGMDataModule(CategoryDataModule):
     """DAGM 2007: `<root>/<category>/{Train,Test}/*.PNG` with `Label/Labels.txt` and the defects'
     weak labels `Label/<stem>_label.PNG` (an ellipse around each defect, not its outline).
 
@@ -160,15 +145,6 @@ class DAGMDataModule(AnomalyDataModule):
 
     dataset_name = "dagm"
     LAYOUT = "<root>/<category>/{Train,Test}/*.PNG with Label/Labels.txt and Label/<stem>_label.PNG (DAGM 2007)"
-
-    def __init__(self, root: str | Path, category: str, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.root = Path(root).expanduser()
-        self.category = category
-
-    @property
-    def name(self) -> str:
-        return f"{self.root}/{self.category}"
 
     def _split(self, folder: Path) -> list[Sample]:
         label_dir = folder / "Label"

@@ -224,10 +224,8 @@ def _find_mask(mask_dir: Path, image: Path) -> Path:
     return mask_dir / f"{image.stem}_mask.png"
 
 
-class MVTecDataModule(AnomalyDataModule):
-    """`<root>/<category>/{train/good, test/<type>, ground_truth/<type>/<stem>_mask.png}`."""
-
-    dataset_name = "mvtec"
+class CategoryDataModule(AnomalyDataModule):
+    """A benchmark's layout: a `root` folder holding one folder (or split entry) per `category`."""
 
     def __init__(self, root: str | Path, category: str, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -237,6 +235,12 @@ class MVTecDataModule(AnomalyDataModule):
     @property
     def name(self) -> str:
         return f"{self.root}/{self.category}"
+
+
+class MVTecDataModule(CategoryDataModule):
+    """`<root>/<category>/{train/good, test/<type>, ground_truth/<type>/<stem>_mask.png}`."""
+
+    dataset_name = "mvtec"
 
     def scan(self) -> tuple[list[Sample], list[Sample]]:
         if not self.root.is_dir():
