@@ -87,6 +87,11 @@ def _run(cfg: DictConfig, original: DictConfig, run_dir: Path) -> dict[str, Any]
     # builds them), so its hyperparameters, and the checkpoint, hold plain data only.
     module: AnomalyModule = instantiate(cfg.method, _convert_="all", _recursive_=False)
     module.image_resize = datamodule.resize  # the checkpoint carries it: the model scores raw images alone
+    if datamodule.num_labelled_anomalies and not module.uses_labelled_anomalies:
+        log.info(
+            "%s learns from normal images only: the %d labelled anomalies (dataset.num_labelled_anomalies) are just "
+            "left out of its test set", name, datamodule.num_labelled_anomalies,
+        )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = build_trainer(cfg.trainer, module, name, callbacks=callbacks, logger=loggers)
@@ -131,6 +136,7 @@ def _run(cfg: DictConfig, original: DictConfig, run_dir: Path) -> dict[str, Any]
         epochs=trainer.max_epochs,
         best_epoch=_checkpoint_epoch(best_path),
         num_shots=datamodule.num_shots,
+        num_labelled_anomalies=datamodule.num_labelled_anomalies,
         num_train_images=len(datamodule.train_samples),
         num_val_images=len(datamodule.val_samples),
         image_threshold=float(module.image_threshold),

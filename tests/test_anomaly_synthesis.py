@@ -182,3 +182,61 @@ def test_validation_view_can_use_perlin_anomalies_and_each_has_one(tmp_path: Pat
     assert len(synthetic) == 4 and all(item.defect_type == SYNTHETIC_DEFECT_TYPE for item in synthetic)
     assert all(item.mask.sum() > 0 for item in synthetic)  # every synthetic image holds an anomaly
     assert torch.equal(dataset[1].image, ValidationSet(samples, ImageResize(32), synthesis, seed=0)[1].image)
+
+
+def test_prune_regions_drops_small_and_off_foreground_regions() -> None:
+    from anomalib_lite.data.anomaly_synthesis import prune_regions
+
+    mask = torch.zeros(20, 20)
+    mask[1:3, 1:3] = 1  # 4 pixels
+    mask[10:16, 10:16] = 1  # 36 pixels
+    mask[2:8, 14:18] = 1  # 24 pixels, off the foreground below
+    assert torch.equal(prune_regions(mask, min_pixels=5), mask - _only(mask, 1, 3, 1, 3))
+    foreground = torch.zeros(20, 20)
+    foreground[15, 15] = 0.9  # touches the 36-pixel region only
+    kept = prune_regions(mask, min_pixels=0, foreground=foreground)
+    assert torch.equal(kept, _only(mask, 10, 16, 10, 16))
+
+
+def _region(top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    region = torch.zeros(20, 20)
+    region[top:bottom, left:right] = 1
+    return region
+
+
+def _only(mask: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    return mask * _region(top, bottom, left, right)
+
+
+def test_shuffle_tiles_permutes_whole_tiles() -> None:
+    from anomalib_lite.data.anomaly_synthesis import shuffle_tiles
+
+    images = torch.rand(2, 3, 32, 48)
+    shuffled = shuffle_tiles(images, 4, _generator(0))
+    assert not torch.equal(shuffled, images)
+    for image, output in zip(images, shuffled):
+        tiles = {tuple(image[:, y : y + 8, x : x + 12].flatten().tolist()) for y in range(0, 32, 8) for x in range(0, 48, 12)}
+        moved = {tuple(output[:, y : y + 8, x : x + 12].flatten().tolist()) for y in range(0, 32, 8) for x in range(0, 48, 12)}
+        assert tiles == moved
+    with pytest.raises(ValueError, match="divisible"):
+        shuffle_tiles(torch.rand(1, 3, 30, 32), 4, _generator(0))
+
+
+def test_perlin_synthesizer_keeps_regions_on_the_foreground_and_uses_structure_sources() -> None:
+    images = torch.rand(6, 3, 64, 64)
+    foreground = torch.zeros(6, 64, 64)
+    foreground[:, 16:48, 16:48] = 1
+    synthesizer = PerlinSynthesizer(anomaly_probability=1.0, structure_probability=1.0, min_region_fraction=0.001, seed=3)
+    augmented, masks, has_anomaly = synthesizer(images, foreground=foreground)
+    assert bool(has_anomaly.all())
+    from scipy import ndimage
+
+    for mask in masks:
+        labels, count = ndimage.label(mask.numpy() > 0, structure=np.ones((3, 3)))
+        for region in range(1, count + 1):
+            pixels = torch.from_numpy(labels == region)
+            assert int(pixels.sum()) >= math.ceil(0.001 * 64 * 64)
+            assert bool(pixels[16:48, 16:48].any())
+    # Outside the masks the images are untouched; inside, the anomaly is drawn from the image itself.
+    outside = (masks == 0).unsqueeze(1).expand_as(images)
+    assert torch.equal(augmented[outside], images[outside])

@@ -153,6 +153,33 @@ def test_few_shot_keeps_k_seeded_training_images(synthetic_root) -> None:
         MVTecDataModule(synthetic_root, "disc", num_shots=0)
 
 
+def test_labelled_anomalies_leave_the_test_split_seeded(synthetic_root) -> None:
+    full = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.2)
+    full.setup()
+    semi = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.2, num_labelled_anomalies=2)
+    semi.setup()
+    labelled = {s.image_path for s in semi.labelled_samples}
+    assert len(labelled) == 2 and all(s.label == 1 and s.mask_path is not None for s in semi.labelled_samples)
+    assert labelled.isdisjoint(s.image_path for s in semi.test_samples)
+    assert {s.image_path for s in semi.test_samples} | labelled == {s.image_path for s in full.test_samples}
+    assert semi.train_samples == full.train_samples and semi.val_samples == full.val_samples
+    batch = next(iter(semi.labelled_dataloader()))
+    assert batch.mask.shape[0] == 2 and bool((batch.mask.flatten(1).amax(1) > 0).all())
+    again = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.2, num_labelled_anomalies=2)
+    again.setup()
+    assert {s.image_path for s in again.labelled_samples} == labelled
+    draws = set()
+    for seed in range(6):
+        other = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.2, seed=seed, num_labelled_anomalies=2)
+        other.setup()
+        draws.add(frozenset(s.image_path for s in other.labelled_samples))
+    assert len(draws) > 1
+    anomalous = sum(s.label == 1 for s in full.test_samples)
+    too_many = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.2, num_labelled_anomalies=anomalous)
+    with pytest.raises(UserInputError, match="at least one must stay"):
+        too_many.setup()
+
+
 def test_cut_blend_synthesis_is_seeded_and_its_masks_are_exact() -> None:
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     sources = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))

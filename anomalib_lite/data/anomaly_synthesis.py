@@ -7,7 +7,8 @@ training anomalies from here, never from test data; the validation view (`data.V
 draws its synthetic anomalies from the same classes.
 - `CutBlendSynthesizer`: rectangles of another normal image blended in (`sources`: those images).
 - `PerlinSynthesizer`: DRAEM's anomalies, Perlin-noise-shaped regions filled with an augmented
-  texture (`anomaly_sources`).
+  texture (`anomaly_sources`), or with the image's own shuffled tiles (structure anomalies), and
+  optionally kept on a foreground and off tiny regions (CPR's synthetic data).
 - `CutPasteSynthesizer`: CutPaste's patches and scars, cut from the image itself and pasted elsewhere.
 """
 
@@ -20,6 +21,7 @@ from typing import Literal, NamedTuple
 import kornia
 import torch
 import torchvision.transforms.v2.functional as TF
+from scipy import ndimage
 
 from anomalib_lite.data.anomaly_sources import AnomalySource, anomaly_source, augment_textures
 from anomalib_lite.data.perlin import perlin_noise
@@ -138,6 +140,35 @@ def perlin_mask(
     return (noise > threshold).float()
 
 
+def prune_regions(mask: torch.Tensor, min_pixels: int = 0, foreground: torch.Tensor | None = None) -> torch.Tensor:
+    """`mask` (H x W in {0, 1}) without its 8-connected regions of fewer than `min_pixels` pixels and,
+    given a `foreground` (H x W in [0, 1]), without those that touch no pixel of it above 0.5."""
+    labels, count = ndimage.label(mask.cpu().numpy() > 0, structure=[[1, 1, 1], [1, 1, 1], [1, 1, 1]])
+    if count == 0:
+        return mask
+    labels = torch.from_numpy(labels).to(mask.device)
+    sizes = torch.bincount(labels.flatten(), minlength=count + 1)
+    keep = sizes >= min_pixels
+    if foreground is not None:
+        on_foreground = torch.bincount(labels.flatten(), weights=(foreground > 0.5).flatten().double().to(mask.device), minlength=count + 1)
+        keep &= on_foreground > 0
+    keep[0] = False
+    return keep[labels].to(mask.dtype)
+
+
+def shuffle_tiles(images: torch.Tensor, grid: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image cut into grid x grid tiles and the tiles put back in a random order (per image):
+    the structure-anomaly source of MemSeg and CPR. The sides must be divisible by `grid`."""
+    batch, channels, height, width = images.shape
+    if height % grid or width % grid:
+        raise ValueError(f"structure anomalies need image sides divisible by the grid {grid}, got {height} x {width}")
+    tile_h, tile_w = height // grid, width // grid
+    tiles = images.reshape(batch, channels, grid, tile_h, grid, tile_w).permute(0, 2, 4, 1, 3, 5).reshape(batch, grid * grid, channels, tile_h, tile_w)
+    order = torch.stack([torch.randperm(grid * grid, generator=generator) for _ in range(batch)]).to(images.device)
+    tiles = tiles[torch.arange(batch, device=images.device)[:, None], order]
+    return tiles.reshape(batch, grid, grid, channels, tile_h, tile_w).permute(0, 3, 1, 4, 2, 5).reshape(images.shape)
+
+
 def blend_anomaly(
     images: torch.Tensor, textures: torch.Tensor, masks: torch.Tensor, image_weight: torch.Tensor
 ) -> torch.Tensor:
@@ -184,6 +215,15 @@ class PerlinSynthesizer(SeededSynthesizer):
     `sources` (optional, B x 3 x H x W) replaces the drawn, augmented textures (tests, callers
     with their own anomaly appearance).
     Training images are also rotated before synthesis (`rotate`, the authors' 30 % by +-90 deg).
+
+    CPR's synthetic data (its authors' `generate_synthetic_data.py`) adds three options, off by default:
+    - `structure_probability`: the chance that an anomalous image is filled with its own content,
+      varied by `structure_augmenters` augmenters and shuffled in a `structure_grid`^2 tile grid,
+      instead of a texture;
+    - `min_region_fraction`: regions of the mask smaller than this fraction of the image are dropped;
+    - `foreground` (an argument of the call, B x H x W in [0, 1]): regions touching no pixel above
+      0.5 of it are dropped.
+    A mask these rules empty is drawn again (up to 50 times; the authors' loop has no bound).
     """
 
     def __init__(
@@ -199,8 +239,16 @@ class PerlinSynthesizer(SeededSynthesizer):
         rotate_probability: float = 0.3,
         rotate_degrees: float = 90.0,
         redraw_empty_masks: bool = False,
+        structure_probability: float = 0.0,
+        structure_grid: int = 16,
+        structure_augmenters: int = 3,
+        min_region_fraction: float = 0.0,
         seed: int = 0,
     ) -> None:
+        if not 0 <= structure_probability <= 1:
+            raise ValueError(f"structure_probability must be in [0, 1], got {structure_probability}")
+        if not 0 <= min_region_fraction < 1:
+            raise ValueError(f"min_region_fraction must be in [0, 1), got {min_region_fraction}")
         if not 0 <= anomaly_probability <= 1:
             raise ValueError(f"anomaly_probability must be in [0, 1], got {anomaly_probability}")
         if not 0 <= beta[0] <= beta[1] <= 1:
@@ -220,35 +268,53 @@ class PerlinSynthesizer(SeededSynthesizer):
         self.rotate_probability = float(rotate_probability)
         self.rotate_degrees = float(rotate_degrees)
         self.redraw_empty_masks = redraw_empty_masks
+        self.structure_probability = float(structure_probability)
+        self.structure_grid = int(structure_grid)
+        self.structure_augmenters = int(structure_augmenters)
+        self.min_region_fraction = float(min_region_fraction)
         super().__init__(seed)
 
     def rotate(self, images: torch.Tensor) -> torch.Tensor:
         """The training images' random rotation (before synthesis; the reconstruction target too)."""
         return rotate_images(images, self.generator, self.rotate_probability, self.rotate_degrees)
 
-    def _mask(self, height: int, width: int) -> torch.Tensor:
-        for _ in range(20 if self.redraw_empty_masks else 1):
+    def _mask(self, height: int, width: int, foreground: torch.Tensor | None = None) -> torch.Tensor:
+        pruned = foreground is not None or self.min_region_fraction > 0
+        attempts = 50 if pruned else 20 if self.redraw_empty_masks else 1
+        for _ in range(attempts):
             mask = perlin_mask(height, width, self.generator, self.scale_exponents, self.noise_rotation, self.threshold)
+            if pruned:
+                mask = prune_regions(mask, math.ceil(self.min_region_fraction * height * width), foreground)
             if bool(mask.any()):
                 break
         return mask
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, sources: torch.Tensor | None = None) -> SyntheticAnomalies:
+    def __call__(
+        self, images: torch.Tensor, sources: torch.Tensor | None = None, foreground: torch.Tensor | None = None
+    ) -> SyntheticAnomalies:
         if images.ndim != 4:
             raise ValueError(f"expected B x C x H x W images, got shape {tuple(images.shape)}")
         if sources is not None and sources.shape != images.shape:
             raise ValueError(f"sources {tuple(sources.shape)} must have the images' shape {tuple(images.shape)}")
         batch, _, height, width = images.shape
+        if foreground is not None and foreground.shape != (batch, height, width):
+            raise ValueError(f"foreground {tuple(foreground.shape)} must be B x H x W = {(batch, height, width)}")
         anomalous = torch.rand(batch, generator=self.generator) < self.anomaly_probability
         masks = torch.zeros(batch, height, width)
         for index in anomalous.nonzero().flatten().tolist():
-            masks[index] = self._mask(height, width)
+            masks[index] = self._mask(height, width, None if foreground is None else foreground[index].float().cpu())
         count = int(anomalous.sum())
         if count == 0:
             return SyntheticAnomalies(images.clone(), masks.to(images.device), masks.flatten(1).any(dim=1).to(images.device))
         if sources is None:
             textures = augment_textures(self.source.draw(count, height, width, self.generator), self.generator, self.augmenters)
+            if self.structure_probability > 0:
+                structural = torch.rand(count, generator=self.generator) < self.structure_probability
+                if bool(structural.any()):
+                    own = images[anomalous.to(images.device)][structural.to(images.device)].detach().float().cpu()
+                    own = augment_textures(own, self.generator, self.structure_augmenters)
+                    textures[structural] = shuffle_tiles(own, self.structure_grid, self.generator)
         else:
             textures = sources[anomalous.to(sources.device)].detach().float().cpu()
         low, high = self.beta

@@ -36,6 +36,11 @@ class AnomalyDataModule(L.LightningDataModule):
     `protocol="rd"`: the PaDiM paper's RdMVTec, every image (training, validation, test) rotated by
     U(-`rd_max_angle`, `rd_max_angle`) degrees and cropped at random to `crop_size`, fixed per image
     (`protocols.RandomRotationCrop`); "aligned" (default): the centre crop.
+    `num_labelled_anomalies=n` (semi-supervised methods, e.g. NBS): n anomalous test images with
+    their masks, drawn with `seed`, are moved from the test split to `labelled_samples`
+    (`labelled_dataloader()`); they are never tested on. A method that does not learn from them
+    (`AnomalyModule.uses_labelled_anomalies`) still loses them from its test set, so its numbers
+    compare with the semi-supervised ones.
     Whether the training images are shuffled is the method's call (`AnomalyModule.train_shuffle`).
     Subclasses implement `scan()` returning (normal training samples, test samples).
     """
@@ -54,6 +59,7 @@ class AnomalyDataModule(L.LightningDataModule):
         mask_threshold: Annotated[float, NonNegative] = 0,
         protocol: Protocol = "aligned",
         rd_max_angle: Annotated[float, NonNegative] = 10.0,
+        num_labelled_anomalies: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
         self.resize = ImageResize(image_size, crop_size)
@@ -80,6 +86,10 @@ class AnomalyDataModule(L.LightningDataModule):
         if num_shots is not None and num_shots < 1:
             raise UserInputError(f"dataset.num_shots must be a positive number of images (or null), got {num_shots}")
         self.num_shots = num_shots
+        if num_labelled_anomalies < 0:
+            raise UserInputError(f"dataset.num_labelled_anomalies must be 0 or more, got {num_labelled_anomalies}")
+        self.num_labelled_anomalies = num_labelled_anomalies
+        self.labelled_samples: list[Sample] = []
         self.seed = seed
         self.val_synthesis = dict(val_synthesis) if val_synthesis is not None else None
         self.train_samples: list[Sample] | None = None
@@ -132,10 +142,38 @@ class AnomalyDataModule(L.LightningDataModule):
         self.val_samples = [train[i] for i in sorted(order[:num_val])]
         self.train_samples = [train[i] for i in sorted(fit_order)]
         self.test_samples = test
+        if self.num_labelled_anomalies:
+            self._take_labelled_anomalies()
         log.info(
             "%s: fitting on %d of %d normal training images, %d held out for thresholds and model selection; "
             "%d test images",
             self.name, len(self.train_samples), len(train), len(self.val_samples), len(test),
+        )
+
+    def _take_labelled_anomalies(self) -> None:
+        """Move `num_labelled_anomalies` seeded anomalous test images (with masks) to `labelled_samples`."""
+        anomalous = [i for i, sample in enumerate(self.test_samples) if sample.label == 1]
+        count = self.num_labelled_anomalies
+        if count >= len(anomalous):
+            raise UserInputError(
+                f"{self.name}: dataset.num_labelled_anomalies={count}, but the test split has {len(anomalous)} anomalous "
+                "images: at least one must stay to test on"
+            )
+        without_mask = [self.test_samples[i].image_path for i in anomalous if self.test_samples[i].mask_path is None]
+        if without_mask:
+            raise UserInputError(
+                f"{self.name}: dataset.num_labelled_anomalies needs a mask for every anomalous test image; "
+                f"{len(without_mask)} have none (e.g. {without_mask[0]})"
+            )
+        # Its own stream of the seed: the validation split's draw is unchanged by this option.
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003)
+        chosen = {anomalous[i] for i in torch.randperm(len(anomalous), generator=generator)[:count].tolist()}
+        self.labelled_samples = [self.test_samples[i] for i in sorted(chosen)]
+        self.test_samples = [sample for i, sample in enumerate(self.test_samples) if i not in chosen]
+        log.info(
+            "%s: %d labelled anomalous images taken from the test split (seed %d; e.g. %s); %d test images remain, "
+            "%d of them anomalous", self.name, count, self.seed, self.labelled_samples[0].image_path,
+            len(self.test_samples), len(anomalous) - count,
         )
 
     def _log_report(self) -> None:
@@ -210,6 +248,11 @@ class AnomalyDataModule(L.LightningDataModule):
         # In-process: the set is small and its decoded images are cached across epochs.
         dataset = ValidationSet(self.val_samples, self.dataset_resize, self.val_synthesis, self.seed, geometry=self.geometry)
         return self._loader(dataset, self.eval_batch_size, num_workers=0)
+
+    def labelled_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """The labelled anomalous images (`num_labelled_anomalies`), with their masks, in order."""
+        dataset = AnomalyDataset(self.labelled_samples, self.dataset_resize, self.mask_threshold, geometry=self.geometry)
+        return self._loader(dataset, batch_size or self.eval_batch_size, num_workers=0)
 
     def test_dataloader(self) -> DataLoader:
         dataset = AnomalyDataset(self.test_samples, self.dataset_resize, self.mask_threshold, geometry=self.geometry)

@@ -6,7 +6,12 @@ from anomalib_lite.models.components.anomaly_map import (
     blur_anomaly_map,
     smooth_anomaly_map,
 )
-from anomalib_lite.models.components.anomaly_module import AnomalyModule, MemoryBankModule, TrainedModule
+from anomalib_lite.models.components.anomaly_module import (
+    AnomalyModule,
+    MemoryBankModule,
+    SynthesisTrainedModule,
+    TrainedModule,
+)
 from anomalib_lite.models.components.buffers import ResizableBuffersMixin
 from anomalib_lite.models.components.coreset import (
     GreedyCoresetSampler,
@@ -37,7 +42,7 @@ from anomalib_lite.models.components.nearest_neighbors import nearest_neighbors
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "AnomalyModel", "AnomalyModule", "AnomalyOutput", "CalibratedOnNormalImages", "Embeddings", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
-    "MemoryBankModel", "MemoryBankModule", "PreparedOnTrainingImages", "Reconstructs", "ResizableBuffersMixin", "TrainableModel", "TrainedModule",
+    "MemoryBankModel", "MemoryBankModule", "PreparedOnTrainingImages", "Reconstructs", "ResizableBuffersMixin", "SynthesisTrainedModule", "TrainableModel", "TrainedModule",
     "average_over_patches", "blur_anomaly_map", "coverage_radius", "create_backbone", "fit_position_gaussians", "greedy_coreset", "level_stride", "nearest_neighbors",
     "position_mahalanobis", "random_projection", "smooth_anomaly_map",
 ]

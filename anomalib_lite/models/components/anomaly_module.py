@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from anomalib_lite import metrics
+from anomalib_lite.data.anomaly_synthesis import PerlinSynthesizer
 from anomalib_lite.data.batch import Batch
 from anomalib_lite.data.samples import ImageResize
 from anomalib_lite.errors import UserInputError
@@ -73,6 +74,8 @@ class AnomalyModule(L.LightningModule):
     train_shuffle: bool = True
     # DDP: some training steps leave parameters unused (e.g. one flow per step).
     ddp_find_unused_parameters: bool = False
+    # Semi-supervised: learns from the data module's labelled anomalous images (`labelled_dataloader`).
+    uses_labelled_anomalies: bool = False
 
     def __init__(self, backbone: Mapping[str, Any] | None = None, **model_args: Any) -> None:
         super().__init__()
@@ -485,3 +488,35 @@ class TrainedModule(AnomalyModule):
         # Logged by every rank at every step, with weight 0 where a batch holds no normal image: a
         # DDP rank may receive only synthetic ones, and every rank must sync the same metrics.
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=count)
+
+
+class SynthesisTrainedModule(TrainedModule):
+    """A trained method that learns from Perlin-shaped synthetic anomalies (DRAEM, CPR).
+
+    `anomaly_source`: a folder of texture images (the papers: DTD), or null for the package's
+    procedural textures; `synthesis`: `PerlinSynthesizer`'s other arguments; `synthesis_seed`:
+    its seed (each DDP rank draws its own anomalies from seed + rank). The epoch kept is the one
+    with the best label-free validation AUPRO, unless the method says otherwise.
+    """
+
+    best_epoch_monitor = ("val_synthetic_aupro", "max")
+
+    def __init__(
+        self,
+        anomaly_source: str | None = None,
+        synthesis: Mapping[str, Any] | None = None,
+        synthesis_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.synthesis_seed = synthesis_seed
+        source = str(Path(anomaly_source).expanduser()) if anomaly_source else None
+        self.synthesizer = PerlinSynthesizer(source, **self.synthesis_settings(dict(synthesis or {})), seed=synthesis_seed)
+
+    def synthesis_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The synthesiser's arguments from the config's (a method may adjust them to its model)."""
+        return settings
+
+    def on_fit_start(self) -> None:
+        self.synthesizer.reseed(self.synthesis_seed + self.global_rank)
+        log.info("%s anomalies: Perlin-shaped regions filled with %s", type(self).__name__, self.synthesizer.source.describe())

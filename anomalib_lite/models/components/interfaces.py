@@ -49,11 +49,12 @@ class PreparedOnTrainingImages(ABC):
     pass over the training images without gradients, in eval mode, before training starts."""
 
     @abstractmethod
-    def preparation_statistics(self, images: torch.Tensor) -> torch.Tensor:
-        """Per-image statistics (first dimension B), gathered over the training set for `prepare`."""
+    def preparation_statistics(self, images: torch.Tensor) -> Embeddings:
+        """Per-image statistics (first dimension B; one tensor or named tensors), gathered over the
+        training set for `prepare`."""
 
     @abstractmethod
-    def prepare(self, statistics: torch.Tensor) -> None:
+    def prepare(self, statistics: Embeddings) -> None:
         """Set the model's statistics from every training image's, in dataset order."""
 
 
