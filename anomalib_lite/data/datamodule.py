@@ -147,7 +147,7 @@ class AnomalyDataModule(L.LightningDataModule):
         log.info(
             "%s: fitting on %d of %d normal training images, %d held out for thresholds and model selection; "
             "%d test images",
-            self.name, len(self.train_samples), len(train), len(self.val_samples), len(test),
+            self.name, len(self.train_samples), len(train), len(self.val_samples), len(self.test_samples),
         )
 
     def _take_labelled_anomalies(self) -> None:

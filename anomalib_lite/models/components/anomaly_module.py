@@ -10,6 +10,8 @@ return one `AnomalyOutput` per batch to the callbacks.
 `TrainedModule` the optimisation of trained methods: optimisers and schedulers come from the
 method's config (`optimizers:` / `schedulers:`, Hydra `_partial_` specs, any number of them), and
 the epoch kept is the one with the best validation signal (no test label involved).
+`SynthesisTrainedModule` adds the Perlin anomaly synthesiser that DRAEM and CPR train on (and NBS
+falls back on when it is given no labelled anomalies).
 
 A method's LightningModule names its torch model (`model_class`; `build_model` when building it
 takes more than passing the config through) and declares what it needs instead of being
@@ -74,7 +76,7 @@ class AnomalyModule(L.LightningModule):
     train_shuffle: bool = True
     # DDP: some training steps leave parameters unused (e.g. one flow per step).
     ddp_find_unused_parameters: bool = False
-    # Semi-supervised: learns from the data module's labelled anomalous images (`labelled_dataloader`).
+    # Semi-supervised: learns from the data module's labelled anomalous images (`labelled_anomalies()`).
     uses_labelled_anomalies: bool = False
 
     def __init__(self, backbone: Mapping[str, Any] | None = None, **model_args: Any) -> None:
@@ -135,6 +137,17 @@ class AnomalyModule(L.LightningModule):
         images = images.to(self.device)
         images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         return self.image_resize.resize_batch(images) if self.image_resize is not None else images
+
+    @torch.no_grad()
+    def labelled_anomalies(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The data module's labelled anomalous images and masks (`dataset.num_labelled_anomalies`,
+        N x 3 x H x W and N x H x W on this module's device), or None where it has none."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if not getattr(datamodule, "labelled_samples", None):
+            return None
+        batches = list(datamodule.labelled_dataloader())
+        images = torch.cat([batch.image for batch in batches]).to(self.device)
+        return images, torch.cat([batch.mask for batch in batches]).to(self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What a checkpoint needs beyond the weights to be used alone (`anomalib_lite.predict`).
