@@ -24,7 +24,7 @@ from anomalib_lite.callbacks import ReportingCallback
 from anomalib_lite.config import check_config, method_name, uses_backbone
 from anomalib_lite.data import AnomalyDataModule
 from anomalib_lite.metrics import tidy
-from anomalib_lite.models.components import AnomalyModule
+from anomalib_lite.models.components import AnomalyModule, FittedOnEmbeddings
 from anomalib_lite.models.components.anomaly_module import VALIDATION_METRICS
 from anomalib_lite.run_dir import STAGING, StagedRun, check_run_dir
 
@@ -120,6 +120,8 @@ def _run(cfg: DictConfig, original: DictConfig, run_dir: Path) -> dict[str, Any]
         if isinstance(callback, ReportingCallback):
             results.update(callback.report())
     results.update(module.validation_results)
+    if isinstance(module.model, FittedOnEmbeddings):
+        results.update(module.model.fit_report)
     results.update(
         fit_seconds=round(fit_seconds, 2),
         validate_seconds=round(validate_seconds, 2),

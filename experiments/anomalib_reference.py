@@ -77,6 +77,7 @@ def build_model(
     image_size: int | None = None,
     draem_widths: tuple[int, int] | None = None,
     batch_size: int = 32,
+    coreset_ratio: float = 0.1,
 ):
     from anomalib.models import Cflow, Draem, Fastflow, Padim, Patchcore, ReverseDistillation, Stfpm
     from anomalib.pre_processing import PreProcessor
@@ -138,7 +139,9 @@ def build_model(
     elif method == "padim":
         model = Padim(backbone="tf_efficientnet_lite0", layers=[1, 2, 3], pre_trained=False, n_features=n_features, **common)
     elif method == "patchcore":
-        model = Patchcore(backbone="tf_efficientnet_lite0", layers=[2, 3], pre_trained=False, **common)
+        model = Patchcore(
+            backbone="tf_efficientnet_lite0", layers=[2, 3], pre_trained=False, coreset_sampling_ratio=coreset_ratio, **common
+        )
     elif method == "cflow":
         model = Cflow(backbone="tf_efficientnet_lite0", layers=[2, 3, 4], pre_trained=False, **common)
     else:
@@ -171,6 +174,28 @@ def replace_coreset_selection(rule: str) -> None:
         return greedy_coreset(self.embedding, self.coreset_size, projection_dim=128, seed=0, progress=True).tolist()
 
     KCenterGreedy.select_coreset_idxs = select_coreset_idxs
+
+
+def record_coreset_coverage(record: dict) -> None:
+    """Whatever rule picks PatchCore's bank, record its size and coverage radius in anomalib's full
+    embedding space (the largest distance from a training patch to its nearest kept patch)."""
+    from anomalib.models.components.sampling.k_center_greedy import KCenterGreedy
+
+    from anomalib_lite.models.components import coverage_radius
+
+    select = KCenterGreedy.select_coreset_idxs
+
+    def select_and_measure(self) -> list[int]:  # noqa: ANN001 - anomalib's signature
+        start = time.perf_counter()
+        indices = select(self)
+        record["coreset_seconds"] = round(time.perf_counter() - start, 2)
+        record["coreset_kept"], record["coreset_of"] = len(indices), int(self.embedding.shape[0])
+        record["coreset_radius"] = coverage_radius(self.embedding, self.embedding[torch.as_tensor(indices)])
+        print(f"coreset: {len(indices)} of {self.embedding.shape[0]} patches in {record['coreset_seconds']} s, "
+              f"coverage radius {record['coreset_radius']:.4g} in the {self.embedding.shape[1]}-dim embedding", flush=True)
+        return indices
+
+    KCenterGreedy.select_coreset_idxs = select_and_measure
 
 
 def build_evaluator():
@@ -249,6 +274,7 @@ def main() -> None:
         "algorithm and size), or random patches of the same number (for timing the test phase only); the "
         "test phase stays anomalib's own",
     )
+    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's coreset sampling ratio (anomalib's default 0.1)")
     parser.add_argument("--dump", action="store_true", help="also save the raw test outputs (runs the test twice)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "anomalib_lite" / "anomalib_png")
     parser.add_argument("--out", type=Path, default=Path("outputs/anomalib_reference"))
@@ -261,10 +287,15 @@ def main() -> None:
     seed_everything(args.seed)
     if args.coreset != "anomalib":
         replace_coreset_selection(args.coreset)
+    coreset_record: dict = {}
+    if args.method == "patchcore":
+        record_coreset_coverage(coreset_record)
     folder, category = DATASETS[args.dataset]
     root = png_copy(SHARED / folder, category, args.cache, args.presize)
     datamodule = MVTecAD(root=root, category=category, train_batch_size=args.batch_size, eval_batch_size=32, num_workers=2)
-    model = build_model(args.method, args.normalization, args.n_features, args.image_size, args.draem_widths, args.batch_size)
+    model = build_model(
+        args.method, args.normalization, args.n_features, args.image_size, args.draem_widths, args.batch_size, args.coreset_ratio
+    )
     name = f"{args.method}_{args.dataset}_{args.normalization}_s{args.seed}_e{args.epochs}"
     name += f"_{args.image_size}px" if args.image_size else ""
     name += f"_{args.limit_train_batches}batches" if args.limit_train_batches else ""
@@ -273,6 +304,7 @@ def main() -> None:
     name += f"_shuffled{args.shuffle_test}" if args.shuffle_test is not None else ""
     name += "_retest" if args.checkpoint else ""  # beside the fitting run's folder, not over it
     name += f"_{args.coreset}_coreset" if args.coreset != "anomalib" else ""
+    name += f"_ratio{args.coreset_ratio:g}" if args.method == "patchcore" and args.coreset_ratio != 0.1 else ""
     if args.shuffle_test is not None:
         from lightning.pytorch.trainer.states import TrainerFn
 
@@ -311,6 +343,8 @@ def main() -> None:
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "shuffle_test": args.shuffle_test,
         "coreset": args.coreset,
+        "coreset_ratio": args.coreset_ratio if args.method == "patchcore" else None,
+        **coreset_record,
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "limit_train_batches": args.limit_train_batches,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from anomalib_lite.models.components import (
+    GreedyCoresetSampler,
     coverage_radius,
     greedy_coreset,
     nearest_neighbors,
@@ -56,6 +57,35 @@ def test_greedy_coreset_is_seeded_and_covers_better_than_random() -> None:
     assert not torch.equal(first, greedy_coreset(features, 100, seed=1))
     random_pick = torch.randperm(2000, generator=torch.Generator().manual_seed(0))[:100]
     assert coverage_radius(features, features[first]) < coverage_radius(features, features[random_pick])
+
+
+@pytest.mark.parametrize(("dim", "projection_dim"), [(16, 128), (300, 32)])
+def test_greedy_coreset_radius_is_the_coverage_radius_of_its_picks(dim: int, projection_dim: int) -> None:
+    features = torch.randn(800, dim, generator=torch.Generator().manual_seed(4))
+    picked, radius = greedy_coreset(features, 40, projection_dim=projection_dim, seed=2, return_radius=True)
+    assert torch.equal(picked, greedy_coreset(features, 40, projection_dim=projection_dim, seed=2))
+    projected = random_projection(features, projection_dim, seed=2)
+    assert radius == pytest.approx(coverage_radius(projected, projected[picked]), rel=1e-4)
+    assert greedy_coreset(features, 800, return_radius=True)[1] == 0.0  # every point picked
+    # No projection: the radius is the one in the features themselves.
+    picked, radius = greedy_coreset(features, 40, projection_dim=None, return_radius=True)
+    assert radius == pytest.approx(coverage_radius(features, features[picked]), rel=1e-4)
+
+
+def test_sampler_reports_its_coverage_in_the_projection_and_the_feature_space() -> None:
+    features = torch.randn(500, 200, generator=torch.Generator().manual_seed(6))
+    sampler = GreedyCoresetSampler(ratio=0.05, projection_dim=16, progress=False)
+    picked = sampler(features)
+    assert set(sampler.report) == {"coreset_kept", "coreset_of", "coreset_seconds", "coreset_radius_projected"}
+    assert (sampler.report["coreset_kept"], sampler.report["coreset_of"]) == (25, 500)
+    projected = random_projection(features, 16, seed=0)
+    assert sampler.report["coreset_radius_projected"] == pytest.approx(coverage_radius(projected, projected[picked]), rel=1e-4)
+    sampler = GreedyCoresetSampler(ratio=0.05, projection_dim=16, progress=False, report_coverage=True)
+    picked = sampler(features)
+    full = coverage_radius(features, features[picked])
+    assert sampler.report["coreset_radius"] == pytest.approx(full)
+    # A 16-dim Gaussian projection of 200-dim points shrinks distances by ~sqrt(16/200) on average.
+    assert sampler.report["coreset_radius_projected"] < full
 
 
 def test_greedy_coreset_handles_duplicates_and_bad_k() -> None:

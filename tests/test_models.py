@@ -41,6 +41,20 @@ def test_projection_is_adaptive_average_pooling(channels: list[int], dim: int, p
     torch.testing.assert_close(torch.cdist(x @ compact, x @ compact), torch.cdist(pooled, pooled), rtol=1e-5, atol=1e-5)
 
 
+def test_patchcore_without_embedding_dim_keeps_the_plain_concatenation() -> None:
+    plain = PatchcoreModel(BACKBONE, levels=[2, 3], embedding_dim=None)
+    pooled = PatchcoreModel(BACKBONE, levels=[2, 3], embedding_dim=1024)
+    pooled.load_state_dict(plain.state_dict())
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    concatenated = plain.aggregate(plain.feature_extractor(images))
+    assert plain.feature_dim == sum(plain.feature_extractor.channels)
+    torch.testing.assert_close(plain.embed(images), concatenated)
+    # Per-level pooling weighs the levels equally: its distances are not the plain ones.
+    x, y = plain.embed(images)[0, 0, 0], plain.embed(images)[1, 3, 3]
+    u, v = pooled.embed(images)[0, 0, 0], pooled.embed(images)[1, 3, 3]
+    assert not torch.allclose((x - y).norm(), (u - v).norm(), rtol=1e-2)
+
+
 def test_patchcore_scores_and_reweighting_by_hand() -> None:
     model = PatchcoreModel(BACKBONE, levels=[2, 3], embedding_dim=64, num_neighbors=3, blur_sigma=0)
     bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
@@ -170,6 +184,7 @@ def test_patchcore_thins_its_bank_with_its_sampler() -> None:
     embeddings = torch.rand(3, 8, 8, model.feature_dim)
     model.fit(embeddings)
     assert model.memory_bank.shape == (48, model.feature_dim)  # 25 % of 3 x 64 patches
+    assert (model.fit_report["coreset_kept"], model.fit_report["coreset_of"]) == (48, 192)  # into metrics.json
     assert GreedyCoresetSampler(ratio=1.0)(torch.rand(10, 4)).tolist() == list(range(10))
     with pytest.raises(UserInputError, match="coreset ratio must be in"):
         GreedyCoresetSampler(ratio=0)

@@ -16,9 +16,9 @@ from anomalib_lite.schema import PositiveInt, Range
 log = logging.getLogger(__name__)
 
 
-def random_projection(features: torch.Tensor, projection_dim: int, seed: int = 0) -> torch.Tensor:
-    """Johnson-Lindenstrauss projection with a seeded Gaussian matrix (identity if already small)."""
-    if projection_dim <= 0 or features.shape[1] <= projection_dim:
+def random_projection(features: torch.Tensor, projection_dim: int | None, seed: int = 0) -> torch.Tensor:
+    """Johnson-Lindenstrauss projection with a seeded Gaussian matrix (identity if already small or None)."""
+    if projection_dim is None or projection_dim <= 0 or features.shape[1] <= projection_dim:
         return features.float()
     generator = torch.Generator().manual_seed(seed)
     matrix = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
@@ -29,16 +29,21 @@ def random_projection(features: torch.Tensor, projection_dim: int, seed: int = 0
 def greedy_coreset(
     features: torch.Tensor,
     k: int,
-    projection_dim: int = 128,
+    projection_dim: int | None = 128,
     seed: int = 0,
     *,
     progress: bool = False,
     dense_fraction: float = 0.25,
-) -> torch.Tensor:
+    return_radius: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, float]:
     """Indices of `k` rows of `features` (N x D) picked by exact greedy k-center.
 
+    `return_radius`: also return the coverage radius of the picks in the projection (the largest
+    distance from a point to its nearest pick), which the loop knows at its end for free.
+
     Each step adds the point farthest from everything picked so far, in a seeded random
-    projection of the features (Sener & Savarese; PatchCore's approximate-greedy projection).
+    projection of the features (Sener & Savarese; PatchCore's approximate-greedy projection),
+    or in the features themselves when `projection_dim` is None or not below their dimension.
 
     The loop runs on the features' device with every N-sized buffer allocated once. Per step it
     makes one matrix-vector pass, restricted by the triangle inequality to the points the new
@@ -117,6 +122,10 @@ def greedy_coreset(
         if (step + 1) % report_every == 0 or step + 1 == k:
             bar.update(step + 1 - bar.n)
     bar.close()
+    if return_radius:
+        # After the last step every point's distance to its nearest pick is known (picks hold -inf).
+        radius = float(min_distances.max().clamp_min(0).sqrt()) if k < num_points else 0.0
+        return selected, radius
     return selected
 
 
@@ -138,11 +147,16 @@ class GreedyCoresetSampler:
     authors' code: `sampler(features)` returns the indices of the rows to keep. `ratio=1` keeps
     every row (no selection). Under DDP every rank holds the same gathered bank: rank 0 selects
     and broadcasts the indices, so every rank keeps the rows a single process would.
+
+    After a call, `report` says what the selection found: the rows kept, its seconds and the
+    coverage radius in the projection it selected in (free); `report_coverage=True` adds the
+    radius in the full feature space (one more pass over the bank against the picks: minutes on
+    large banks), the number that tells whether the projection picked worse centres.
     """
 
     def __init__(
-        self, ratio: Annotated[float, Range(0, 1, low_open=True)] = 0.1, projection_dim: PositiveInt = 128, seed: int = 0,
-        progress: bool = True,
+        self, ratio: Annotated[float, Range(0, 1, low_open=True)] = 0.1, projection_dim: PositiveInt | None = 128, seed: int = 0,
+        progress: bool = True, report_coverage: bool = False,
     ) -> None:
         if not 0 < ratio <= 1:
             raise UserInputError(f"the coreset ratio must be in (0, 1], got {ratio}")
@@ -150,6 +164,8 @@ class GreedyCoresetSampler:
         self.projection_dim = projection_dim
         self.seed = seed
         self.progress = progress
+        self.report_coverage = report_coverage
+        self.report: dict[str, float | int] = {}
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         if self.ratio >= 1:
@@ -160,8 +176,22 @@ class GreedyCoresetSampler:
             indices = torch.empty(k, dtype=torch.long, device=features.device)
         else:
             start = time.perf_counter()
-            indices = greedy_coreset(features, k, projection_dim=self.projection_dim, seed=self.seed, progress=self.progress)
-            log.info("coreset: kept %d of %d patches in %.1f s", k, features.shape[0], time.perf_counter() - start)
+            indices, projected_radius = greedy_coreset(
+                features, k, projection_dim=self.projection_dim, seed=self.seed, progress=self.progress, return_radius=True
+            )
+            seconds = time.perf_counter() - start
+            self.report = {
+                "coreset_kept": k, "coreset_of": features.shape[0], "coreset_seconds": round(seconds, 2),
+                "coreset_radius_projected": projected_radius,
+            }
+            log.info("coreset: kept %d of %d patches in %.1f s, coverage radius %.4g in the %s", k, features.shape[0],
+                     seconds, projected_radius,
+                     f"{self.projection_dim}-dim projection" if (self.projection_dim or features.shape[1]) < features.shape[1] else "feature space")
+            if self.report_coverage:
+                start = time.perf_counter()
+                self.report["coreset_radius"] = coverage_radius(features, features[indices])
+                log.info("coreset: coverage radius %.4g in the %d-dim feature space (%.1f s)",
+                         self.report["coreset_radius"], features.shape[1], time.perf_counter() - start)
         if distributed:
             dist.broadcast(indices, src=0)
         return indices

@@ -7,6 +7,8 @@ then only calls these methods, so nothing is found by attribute name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -29,6 +31,9 @@ Embeddings = torch.Tensor | dict[str, torch.Tensor]
 class FittedOnEmbeddings(ABC):
     """Part of the model is fitted to the embeddings of every normal training image (a memory bank,
     Gaussians, a density), in one pass without gradients."""
+
+    # What `fit` found, for the run's metrics.json (e.g. a coreset's size and coverage radius): `fit` sets it.
+    fit_report: Mapping[str, float | int] = MappingProxyType({})
 
     @abstractmethod
     def embed(self, images: torch.Tensor) -> Embeddings:

@@ -64,6 +64,8 @@ class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
     deeper levels are bilinearly upsampled to the first level's resolution, and the concatenated
     vector is projected to `embedding_dim` by adaptive average pooling (`pooling_projection`,
     per level first when `pool_per_level`; applied in its distance-preserving form).
+    `embedding_dim=None` keeps the plain concatenation (anomalib's embedding: levels weigh by
+    their channel counts, no pooling).
     The memory bank is every training patch, thinned by `coreset_sampler` (indices of the rows to
     keep; e.g. `GreedyCoresetSampler`), which is part of the method as in the authors' code.
 
@@ -79,7 +81,7 @@ class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
         self,
         backbone: dict,
         levels: Levels = (2, 3),
-        embedding_dim: PositiveInt = 1024,
+        embedding_dim: PositiveInt | None = 1024,
         pool_per_level: bool = True,
         patch_size: PositiveInt = 3,
         num_neighbors: PositiveInt = 1,
@@ -95,8 +97,12 @@ class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
         self.blur_sigma = blur_sigma
         self.nn_chunk_size = nn_chunk_size
         self.coreset_sampler = coreset_sampler
-        projection = pooling_projection(self.feature_extractor.channels, embedding_dim, pool_per_level)
-        self.register_buffer("projection", distance_preserving_projection(projection), persistent=False)
+        channels = self.feature_extractor.channels
+        if embedding_dim is None:
+            projection = torch.eye(sum(channels))
+        else:
+            projection = distance_preserving_projection(pooling_projection(channels, embedding_dim, pool_per_level))
+        self.register_buffer("projection", projection, persistent=False)
         self.feature_dim = self.projection.shape[1]
         self.register_buffer("memory_bank", torch.empty(0, self.feature_dim))
 
@@ -116,6 +122,7 @@ class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
         bank = embeddings.reshape(-1, self.feature_dim)
         if self.coreset_sampler is not None:
             bank = bank[self.coreset_sampler(bank).to(bank.device)]
+            self.fit_report = dict(getattr(self.coreset_sampler, "report", {}))
         else:
             log.info("PatchCore without a coreset sampler: the memory bank keeps all %d patches", bank.shape[0])
         self.memory_bank = bank.contiguous()
