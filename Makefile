@@ -21,7 +21,7 @@ ifneq ($(shell cat $(STAMP) 2>/dev/null),$(PYTHON))
 $(shell rm -f $(STAMP))
 endif
 
-.PHONY: install train test test-slow lint check-wheel bench bench-flows bench-synthesis bench-distillation bench-few-shot bench-regad bench-coreset bench-coreset-gap bench-aupro bench-selection clean
+.PHONY: install train test test-slow lint check-wheel bench bench-flows bench-synthesis bench-distillation bench-few-shot bench-regad bench-coreset bench-coreset-gap bench-embedding-search bench-aupro bench-selection clean
 
 $(VENV)/bin/python:
 	@echo "make: creating the virtual environment $(VENV) (python3 -m venv --system-site-packages $(VENV))"
@@ -170,15 +170,29 @@ CORESET_GAP_DATASETS ?= lite0_mtd lite0_mvtec
 CORESET_GAP_RATIO ?= 0.01
 bench-coreset-gap: $(STAMP)
 	for experiment in $(CORESET_GAP_DATASETS); do \
-	  for spec in default: concat:method.embedding_dim=null fullspace:method.coreset_sampler.projection_dim=null \
-	      heldout1pc:dataset.val_ratio=0.01 b9:method.num_neighbors=9; do \
+	  for spec in default: concat:method.embedding=concatenation fullspace:method.coreset_sampler.projection_dim=null \
+	      heldout1pc:dataset.val_ratio=0.01 b9:method.num_neighbors=9 \
+	      concat_fullspace:method.embedding=concatenation@method.coreset_sampler.projection_dim=null; do \
 	    $(PYTHON) -m anomalib_lite experiment=$$experiment method=patchcore method.coreset_sampler.ratio=$(CORESET_GAP_RATIO) \
-	      method.coreset_sampler.report_coverage=true $${spec#*:} hydra.run.dir=$(BENCH_DIR)/$${experiment}_$${spec%%:*} || exit 1; \
+	      method.coreset_sampler.report_coverage=true $$(echo $${spec#*:} | tr @ ' ') hydra.run.dir=$(BENCH_DIR)/$${experiment}_$${spec%%:*} || exit 1; \
 	  done; \
 	  $(ANOMALIB_PYTHON) experiments/anomalib_reference.py patchcore --dataset $$([ $$experiment = lite0_mtd ] && echo mtd || echo mvtec) \
 	    --coreset-ratio $(CORESET_GAP_RATIO) --out $(BENCH_DIR)-anomalib || exit 1; \
 	done
 	$(PYTHON) experiments/collect.py $(BENCH_DIR) --metrics image_auroc pixel_auroc pixel_aupro coreset_radius fit_seconds test_seconds
+
+# PatchCore's embedding chosen on held-out images (hparams_search=patchcore_embedding: the authors'
+# per-level pooling and anomalib's concatenation, one trial each) at 1 % and 10 % on both datasets;
+# collect.py prints what each trial scored (validation and test), optimization_results.yaml which won.
+EMBEDDING_SEARCH_RATIOS ?= 0.01 0.1
+bench-embedding-search: $(STAMP)
+	for experiment in $(CORESET_GAP_DATASETS); do for ratio in $(EMBEDDING_SEARCH_RATIOS); do \
+	  $(PYTHON) -m anomalib_lite hparams_search=patchcore_embedding experiment=$$experiment \
+	    method.coreset_sampler.ratio=$$ratio hydra.sweep.dir=$(BENCH_DIR)/$${experiment}_$$ratio || exit 1; \
+	  $(PYTHON) experiments/collect.py $(BENCH_DIR)/$${experiment}_$$ratio --metrics image_auroc pixel_auroc pixel_aupro \
+	    val_synthetic_aupro fit_seconds test_seconds || exit 1; \
+	  cat $(BENCH_DIR)/$${experiment}_$$ratio/optimization_results.yaml; \
+	done; done
 
 # Label-free model selection: a 12-trial Optuna PatchCore search per dataset, then how well the
 # validation metric picked (rank correlation with the test metric, picked vs best and median trial).

@@ -86,6 +86,11 @@ def test_sampler_reports_its_coverage_in_the_projection_and_the_feature_space() 
     assert sampler.report["coreset_radius"] == pytest.approx(full)
     # A 16-dim Gaussian projection of 200-dim points shrinks distances by ~sqrt(16/200) on average.
     assert sampler.report["coreset_radius_projected"] < full
+    # Selected in the features themselves, the one radius is the full-space one, under its name.
+    sampler = GreedyCoresetSampler(ratio=0.05, projection_dim=None, progress=False, report_coverage=True)
+    picked = sampler(features)
+    assert "coreset_radius_projected" not in sampler.report
+    assert sampler.report["coreset_radius"] == pytest.approx(coverage_radius(features, features[picked]), rel=1e-4)
 
 
 def test_greedy_coreset_handles_duplicates_and_bad_k() -> None:
@@ -108,3 +113,15 @@ def test_nearest_neighbors_matches_full_cdist(k: int, chunk_size: int) -> None:
     expected_d, expected_i = torch.cdist(queries, bank).topk(k, dim=1, largest=False)
     torch.testing.assert_close(distances, expected_d, atol=1e-5, rtol=1e-5)
     assert torch.equal(indices, expected_i)
+
+
+def test_greedy_coreset_writes_timed_lines_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    features = torch.randn(600, 8, generator=torch.Generator().manual_seed(1))
+    with caplog.at_level("INFO", logger="anomalib_lite.models.components.coreset"):
+        quiet = greedy_coreset(features, 300, projection_dim=None)
+        assert not caplog.records  # no progress asked for
+        loud = greedy_coreset(features, 300, projection_dim=None, progress=True, line_interval=0.0)
+    lines = [record.getMessage() for record in caplog.records]
+    assert torch.equal(quiet, loud)
+    assert len(lines) == 299 // 3  # a line per reported step (every k // 100), none for the last
+    assert lines[0].startswith("coreset: 3/300 points,") and lines[-1].startswith("coreset: 297/300 points,")

@@ -108,3 +108,24 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path: Path, cache_di
     assert len(list(sweep_dir.rglob("metrics.json"))) == 2
     best = (sweep_dir / "optimization_results.yaml").read_text()
     assert "best_params" in best and "best_value" in best
+
+
+def test_embedding_search_tries_each_candidate_and_keeps_the_validation_winner(tmp_path: Path, cache_dir: Path) -> None:
+    """hparams_search=patchcore_embedding: one trial per embedding (a grid, not a draw that may
+    repeat one), and the reported best is the trial with the higher held-out validation metric."""
+    import yaml
+
+    sweep_dir = tmp_path / "search"
+    result = run_cli(
+        "hparams_search=patchcore_embedding", "dataset.category=disc", *cli_tiny_args(cache_dir), f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = {}
+    for path in sweep_dir.rglob("metrics.json"):
+        config = yaml.safe_load((path.parent / "config.yaml").read_text())
+        trials[config["method"]["embedding"]] = json.loads(path.read_text())["val_synthetic_aupro"]
+    assert set(trials) == {"per_level", "concatenation"}
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(trials.values()))
+    assert trials[best["best_params"]["method.embedding"]] == pytest.approx(max(trials.values()))

@@ -61,6 +61,13 @@ def test_networks_follow_the_widths_and_work_at_any_size() -> None:
     convs = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Conv2d)])
     assert abs(float(scales.mean()) - 1) < 0.01 and abs(float(scales.std()) - 0.02) < 0.005
     assert abs(float(convs.std()) - 0.02) < 0.002  # N(0, 0.02) initialisation
+    # init="torch" (anomalib's): PyTorch's defaults, BN scales exactly 1, convs by fan-in.
+    torch_init = DraemModel(reconstruction_width=8, discriminative_width=4, init="torch")
+    assert all(bool((m.weight == 1).all()) for m in torch_init.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first = torch_init.reconstructive.encoder[0][0].weight  # 3 x 3 x 3 fan-in: U(+-1/sqrt(27))
+    assert float(first.abs().max()) <= 27**-0.5 and float(first.std()) > 0.08  # U: std 0.11
+    with pytest.raises(ValueError, match="init must be"):
+        DraemModel(reconstruction_width=8, discriminative_width=4, init="kaiming")
     output = model.eval()(torch.rand(3, 3, 40, 40))
     assert output.anomaly_map.shape == (3, 40, 40) and float(output.anomaly_map.max()) <= 1
 

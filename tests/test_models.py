@@ -41,9 +41,9 @@ def test_projection_is_adaptive_average_pooling(channels: list[int], dim: int, p
     torch.testing.assert_close(torch.cdist(x @ compact, x @ compact), torch.cdist(pooled, pooled), rtol=1e-5, atol=1e-5)
 
 
-def test_patchcore_without_embedding_dim_keeps_the_plain_concatenation() -> None:
-    plain = PatchcoreModel(BACKBONE, levels=[2, 3], embedding_dim=None)
-    pooled = PatchcoreModel(BACKBONE, levels=[2, 3], embedding_dim=1024)
+def test_patchcore_concatenation_embedding_keeps_the_plain_concatenation() -> None:
+    plain = PatchcoreModel(BACKBONE, levels=[2, 3], embedding="concatenation")
+    pooled = PatchcoreModel(BACKBONE, levels=[2, 3], embedding="per_level", embedding_dim=1024)
     pooled.load_state_dict(plain.state_dict())
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     concatenated = plain.aggregate(plain.feature_extractor(images))
@@ -53,6 +53,22 @@ def test_patchcore_without_embedding_dim_keeps_the_plain_concatenation() -> None
     x, y = plain.embed(images)[0, 0, 0], plain.embed(images)[1, 3, 3]
     u, v = pooled.embed(images)[0, 0, 0], pooled.embed(images)[1, 3, 3]
     assert not torch.allclose((x - y).norm(), (u - v).norm(), rtol=1e-2)
+    # Pooling the concatenation once by a whole multiple of its width repeats every channel as often:
+    # the plain distances times the square root of the repeats.
+    channels = sum(plain.feature_extractor.channels)
+    repeated = PatchcoreModel(BACKBONE, levels=[2, 3], embedding="pooled", embedding_dim=4 * channels)
+    repeated.load_state_dict(plain.state_dict())
+    r, t = repeated.embed(images)[0, 0, 0], repeated.embed(images)[1, 3, 3]
+    torch.testing.assert_close((r - t).norm(), 2 * (x - y).norm(), rtol=1e-4, atol=1e-6)
+
+
+def test_patchcore_reads_the_embedding_of_older_checkpoints() -> None:
+    """Before `embedding`, checkpoints said it with pool_per_level and embedding_dim=None."""
+    assert PatchcoreModel(BACKBONE, levels=[2, 3], pool_per_level=True).embedding == "per_level"
+    assert PatchcoreModel(BACKBONE, levels=[2, 3], pool_per_level=False).embedding == "pooled"
+    assert PatchcoreModel(BACKBONE, levels=[2, 3], embedding_dim=None).embedding == "concatenation"
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        PatchcoreModel(BACKBONE, levels=[2, 3], embedding="concat")
 
 
 def test_patchcore_scores_and_reweighting_by_hand() -> None:

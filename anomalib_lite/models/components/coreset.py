@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Annotated
 
@@ -35,11 +36,14 @@ def greedy_coreset(
     progress: bool = False,
     dense_fraction: float = 0.25,
     return_radius: bool = False,
+    line_interval: float = 30.0,
 ) -> torch.Tensor | tuple[torch.Tensor, float]:
     """Indices of `k` rows of `features` (N x D) picked by exact greedy k-center.
 
     `return_radius`: also return the coverage radius of the picks in the projection (the largest
     distance from a point to its nearest pick), which the loop knows at its end for free.
+    `progress`: a bar on a terminal; elsewhere (logs, CI, SLURM files) a line every `line_interval`
+    seconds, as the framework's progress callback writes for its own passes.
 
     Each step adds the point farthest from everything picked so far, in a seeded random
     projection of the features (Sener & Savarese; PatchCore's approximate-greedy projection),
@@ -79,7 +83,9 @@ def greedy_coreset(
     # slack (and more), so rounding can only make it keep a point, never skip one that moves.
     slack = 1e-5 * float(squared_norms.max())
     report_every = max(1, k // 100)
-    bar = tqdm(total=k, desc="coreset", unit="pt", disable=None if progress else True, mininterval=1.0)  # None: no bar off a terminal
+    lines = progress and not sys.stdout.isatty()
+    bar = tqdm(total=k, desc="coreset", unit="pt", disable=not progress or lines, mininterval=1.0, file=sys.stdout)
+    start = last_line = time.perf_counter()
     # While the loop is dense, the reach test is repeated only every `dense_streak` steps (doubling):
     # a plain pass is always exact, so testing less often only saves the test's own cost.
     next_reach_test, dense_streak = 1, 1
@@ -121,6 +127,9 @@ def greedy_coreset(
         current = torch.argmax(min_distances).view(1)
         if (step + 1) % report_every == 0 or step + 1 == k:
             bar.update(step + 1 - bar.n)
+            if lines and step + 1 < k and time.perf_counter() - last_line >= line_interval:
+                last_line = time.perf_counter()
+                log.info("coreset: %d/%d points, %.0f s", step + 1, k, last_line - start)
     bar.close()
     if return_radius:
         # After the last step every point's distance to its nearest pick is known (picks hold -inf).
@@ -180,14 +189,16 @@ class GreedyCoresetSampler:
                 features, k, projection_dim=self.projection_dim, seed=self.seed, progress=self.progress, return_radius=True
             )
             seconds = time.perf_counter() - start
+            projected = (self.projection_dim or features.shape[1]) < features.shape[1]
+            # Selected in the features themselves, the loop's radius is the full-space one: no second pass.
             self.report = {
                 "coreset_kept": k, "coreset_of": features.shape[0], "coreset_seconds": round(seconds, 2),
-                "coreset_radius_projected": projected_radius,
+                "coreset_radius_projected" if projected else "coreset_radius": projected_radius,
             }
             log.info("coreset: kept %d of %d patches in %.1f s, coverage radius %.4g in the %s", k, features.shape[0],
                      seconds, projected_radius,
-                     f"{self.projection_dim}-dim projection" if (self.projection_dim or features.shape[1]) < features.shape[1] else "feature space")
-            if self.report_coverage:
+                     f"{self.projection_dim}-dim projection" if projected else f"{features.shape[1]}-dim feature space")
+            if self.report_coverage and projected:
                 start = time.perf_counter()
                 self.report["coreset_radius"] = coverage_radius(features, features[indices])
                 log.info("coreset: coverage radius %.4g in the %d-dim feature space (%.1f s)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from anomalib_lite.models.components import (
 from anomalib_lite.schema import Levels, NonNegative, PositiveInt
 
 log = logging.getLogger(__name__)
+
+# How the concatenated levels become the patch vector (PatchcoreModel's docstring).
+Embedding = Literal["per_level", "pooled", "concatenation"]
 
 
 def pooling_projection(channels: Sequence[int], embedding_dim: int, per_level: bool = True) -> torch.Tensor:
@@ -61,11 +64,16 @@ class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
     """Locally aware patch features, a memory bank, nearest-neighbour patch scores.
 
     Patch features: each level is averaged over a `patch_size` x `patch_size` neighbourhood,
-    deeper levels are bilinearly upsampled to the first level's resolution, and the concatenated
-    vector is projected to `embedding_dim` by adaptive average pooling (`pooling_projection`,
-    per level first when `pool_per_level`; applied in its distance-preserving form).
-    `embedding_dim=None` keeps the plain concatenation (anomalib's embedding: levels weigh by
-    their channel counts, no pooling).
+    deeper levels are bilinearly upsampled to the first level's resolution and concatenated;
+    `embedding` says how the concatenation becomes the patch vector:
+    - "per_level" (default, the authors' code): each level adaptive-average-pooled
+      to `embedding_dim`, then the stack pooled to `embedding_dim`, so every level weighs the same;
+    - "pooled": the concatenation pooled to `embedding_dim` in one go (levels weigh by channels);
+    - "concatenation": the plain concatenation, no pooling (anomalib's embedding; levels weigh by
+      channel count exactly). On a small backbone at a 1 % coreset this is the better one on
+      magnetic_tile and the worse one on bottle; the held-out validation tells them apart
+      (`hparams_search=patchcore_embedding`, experiments/CORESET_GAP.md).
+    Pooling is applied in its distance-preserving form (`distance_preserving_projection`).
     The memory bank is every training patch, thinned by `coreset_sampler` (indices of the rows to
     keep; e.g. `GreedyCoresetSampler`), which is part of the method as in the authors' code.
 
@@ -81,8 +89,9 @@ class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
         self,
         backbone: dict,
         levels: Levels = (2, 3),
+        embedding: Embedding = "per_level",
         embedding_dim: PositiveInt | None = 1024,
-        pool_per_level: bool = True,
+        pool_per_level: bool | None = None,
         patch_size: PositiveInt = 3,
         num_neighbors: PositiveInt = 1,
         blur_sigma: Annotated[float, NonNegative] = 4.0,
@@ -98,10 +107,19 @@ class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
         self.nn_chunk_size = nn_chunk_size
         self.coreset_sampler = coreset_sampler
         channels = self.feature_extractor.channels
+        # Checkpoints written before `embedding` existed said it with these two.
+        if pool_per_level is not None:
+            embedding = "per_level" if pool_per_level else "pooled"
         if embedding_dim is None:
+            embedding = "concatenation"
+        if embedding not in get_args(Embedding):
+            raise ValueError(f"embedding must be one of {get_args(Embedding)}, got {embedding!r}")
+        self.embedding = embedding
+        if embedding == "concatenation":
             projection = torch.eye(sum(channels))
         else:
-            projection = distance_preserving_projection(pooling_projection(channels, embedding_dim, pool_per_level))
+            per_level = embedding == "per_level"
+            projection = distance_preserving_projection(pooling_projection(channels, embedding_dim, per_level))
         self.register_buffer("projection", projection, persistent=False)
         self.feature_dim = self.projection.shape[1]
         self.register_buffer("memory_bank", torch.empty(0, self.feature_dim))
