@@ -33,6 +33,22 @@ def test_focal_loss_on_a_hand_case() -> None:
     # gamma = 0 is the cross-entropy.
     expected = torch.nn.functional.cross_entropy(logits, masks.long())
     assert float(softmax_focal_loss(logits, masks, gamma=0)) == pytest.approx(float(expected), rel=1e-6)
+    # Class weights: anomalous pixels by alpha, normal ones by 1 - alpha; anomalib's alpha = 1 drops the normal pixel.
+    assert float(softmax_focal_loss(logits, masks, alpha=0.25)) == pytest.approx((0.25 * per_pixel[0] + 0.75 * per_pixel[1]) / 2, rel=1e-6)
+    assert float(softmax_focal_loss(logits, masks, alpha=1.0)) == pytest.approx(per_pixel[0] / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="alpha"):
+        softmax_focal_loss(logits, masks, alpha=1.5)
+
+
+def test_focal_alpha_matches_kornias_focal_loss_as_anomalib_calls_it() -> None:
+    kornia = pytest.importorskip("kornia")
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 5, 7, generator=generator) * 3
+    masks = (torch.rand(2, 5, 7, generator=generator) > 0.7).float()
+    for alpha in (1.0, 0.25):
+        expected = kornia.losses.FocalLoss(alpha=alpha, gamma=2.0, reduction="mean")(logits, masks.long())
+        # kornia's "mean" also divides by the 2 class channels: anomalib's focal term is half of this one.
+        assert float(softmax_focal_loss(logits, masks, alpha=alpha)) == pytest.approx(2 * float(expected), rel=1e-5)
 
 
 def test_mean_filter_keeps_a_single_hot_pixel_from_deciding_the_image() -> None:

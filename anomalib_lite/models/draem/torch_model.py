@@ -113,7 +113,9 @@ class DraemModel(TrainableModel):
     one hot pixel does not decide an image. `reconstruction_width` / `discriminative_width` are
     the paper's 128 / 64; smaller widths fit a CPU (`experiment=draem_small`).
     `init`: "authors" (their code: conv weights N(0, 0.02), BN scales N(1, 0.02)) or "torch"
-    (PyTorch's default initialisation, which anomalib's DraemModel keeps).
+    (PyTorch's default initialisation, which anomalib's DraemModel keeps). `focal_alpha`: None (the
+    authors': no class weighting) or the anomalous pixels' weight, normal ones getting 1 - alpha
+    (anomalib 2.7's 1.0 leaves normal pixels out of the segmentation loss: experiments/SYNTHESIS.md).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class DraemModel(TrainableModel):
         ssim_window: PositiveInt = 11,
         focal_gamma: float = 2.0,
         init: Literal["authors", "torch"] = "authors",
+        focal_alpha: float | None = None,
     ) -> None:
         super().__init__()
         if init not in ("authors", "torch"):
@@ -131,7 +134,7 @@ class DraemModel(TrainableModel):
         self.reconstructive = ReconstructiveSubNetwork(reconstruction_width)
         self.discriminative = DiscriminativeSubNetwork(discriminative_width)
         self.mean_filter_size = mean_filter_size
-        self.criterion = DraemLoss(ssim_window, focal_gamma)
+        self.criterion = DraemLoss(ssim_window, focal_gamma, focal_alpha)
         if init == "authors":
             self.apply(_init_weights)
         # Channels-last: ~20 % faster on a CPU (oneDNN), the same results to float rounding.
