@@ -9,7 +9,7 @@ are made in (no ImageNet normalisation).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,9 @@ class DiscriminativeSubNetwork(nn.Module):
         return self.head(x)
 
 
+Init = Literal["authors", "torch"]
+
+
 def _init_weights(module: nn.Module) -> None:
     """The authors' initialisation: conv weights N(0, 0.02); BN scales N(1, 0.02), shifts 0."""
     if isinstance(module, nn.Conv2d):
@@ -125,12 +128,12 @@ class DraemModel(TrainableModel):
         mean_filter_size: PositiveInt = 21,
         ssim_window: PositiveInt = 11,
         focal_gamma: float = 2.0,
-        init: Literal["authors", "torch"] = "authors",
+        init: Init = "authors",
         focal_alpha: float | None = None,
     ) -> None:
         super().__init__()
-        if init not in ("authors", "torch"):
-            raise ValueError(f"init must be 'authors' or 'torch', got {init!r}")
+        if init not in get_args(Init):
+            raise ValueError(f"init must be one of {get_args(Init)}, got {init!r}")
         self.reconstructive = ReconstructiveSubNetwork(reconstruction_width)
         self.discriminative = DiscriminativeSubNetwork(discriminative_width)
         self.mean_filter_size = mean_filter_size

@@ -115,18 +115,19 @@ class PatchcoreModel(ResizableBuffersMixin, MemoryBankModel):
         if embedding not in get_args(Embedding):
             raise ValueError(f"embedding must be one of {get_args(Embedding)}, got {embedding!r}")
         self.embedding = embedding
-        if embedding == "concatenation":
-            projection = torch.eye(sum(channels))
-        else:
+        # The concatenation needs no projection: no identity product on every batch.
+        projection = None
+        if embedding != "concatenation":
             per_level = embedding == "per_level"
             projection = distance_preserving_projection(pooling_projection(channels, embedding_dim, per_level))
         self.register_buffer("projection", projection, persistent=False)
-        self.feature_dim = self.projection.shape[1]
+        self.feature_dim = sum(channels) if projection is None else projection.shape[1]
         self.register_buffer("memory_bank", torch.empty(0, self.feature_dim))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W images -> B x h x w x feature_dim patch features."""
-        return self.aggregate(self.feature_extractor(images)) @ self.projection
+        features = self.aggregate(self.feature_extractor(images))
+        return features if self.projection is None else features @ self.projection
 
     def aggregate(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """Locally aware features before projection: B x h x w x (sum of channels)."""
