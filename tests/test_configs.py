@@ -19,7 +19,7 @@ from anomalib_lite.data import AnomalyDataModule
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components import AnomalyModule
 
-GROUPS = ("method", "backbone", "dataset", "trainer", "logger", "callbacks", "experiment", "hparams_search")
+GROUPS = ("method", "backbone", "dataset", "trainer", "logger", "callbacks", "experiment", "hparams_search", "smoke")
 
 
 def test_every_group_has_options() -> None:
@@ -121,6 +121,17 @@ def test_every_experiment_composes_with_every_method(experiment: str, method: st
     else:
         check_config(cfg)
     assert isinstance(instantiate(cfg.dataset), AnomalyDataModule)
+
+
+@pytest.mark.parametrize("smoke", config_options("smoke"))
+def test_every_smoke_setting_belongs_to_its_method(smoke: str, make_cfg) -> None:
+    """`smoke=<name>` (a method's settings for tiny data, which the end-to-end tests run) picks the
+    method of its name on its own, and everything it sets is a setting of that method."""
+    assert smoke in config_options("method")
+    cfg = make_cfg(f"smoke={smoke}")
+    assert cfg.method._target_.startswith(f"anomalib_lite.models.{smoke}.")
+    check_config(cfg)
+    assert cfg == make_cfg(f"method={smoke}", f"smoke={smoke}")
 
 
 @pytest.mark.parametrize("search", config_options("hparams_search"))
