@@ -68,7 +68,7 @@ check-wheel: $(STAMP)
 BENCH_DIR ?= outputs/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 bench: $(STAMP)
 	$(PYTHON) -m anomalib_lite -m experiment=lite0_mvtec,lite0_mtd method=patchcore,padim hydra.sweep.dir=$(BENCH_DIR)
-	$(PYTHON) experiments/collect.py $(BENCH_DIR) --metrics image_auroc pixel_auroc pixel_aupro fit_seconds test_seconds
+	$(PYTHON) -m anomalib_lite.collect $(BENCH_DIR) --metrics image_auroc pixel_auroc pixel_aupro fit_seconds test_seconds
 
 # The flow methods on the same data and setting; epochs chosen for a 2-core CPU (override e.g.
 # FLOW_EPOCHS="fastflow=20 cflow=2"). Then the table. Hours on 2 CPU cores (magnetic_tile dominates).
@@ -83,7 +83,7 @@ bench-flows: $(STAMP)
 	    $(PYTHON) -m anomalib_lite experiment=$$experiment method=ss_flow method.epochs=$$epochs method.anomaly_weight=0 \
 	      hydra.run.dir=$(BENCH_DIR)/$${experiment}_ss_flow_normal_only || exit 1; fi; \
 	done; done
-	$(PYTHON) experiments/collect.py $(BENCH_DIR) --rows method dataset epochs \
+	$(PYTHON) -m anomalib_lite.collect $(BENCH_DIR) --rows method dataset epochs \
 	  --metrics image_auroc pixel_auroc pixel_aupro seconds_per_epoch fit_seconds
 
 # DRAEM (experiment=draem_small, DTD textures and procedural ones) and CutPaste (lite0, 256 -> 224,
@@ -100,7 +100,7 @@ bench-synthesis: $(STAMP)
 	  $(PYTHON) -m anomalib_lite experiment=lite0_mvtec method=cutpaste method.epochs=$(CUTPASTE_EPOCHS) method.patch_stride=32 "$$@" \
 	    hydra.run.dir=$(BENCH_DIR)/cutpaste_$$data || exit 1; \
 	done
-	$(PYTHON) experiments/collect.py $(BENCH_DIR) --rows method dataset epochs \
+	$(PYTHON) -m anomalib_lite.collect $(BENCH_DIR) --rows method dataset epochs \
 	  --metrics image_auroc pixel_auroc pixel_aupro pixel_ap seconds_per_epoch fit_seconds
 
 # The teacher-student methods (lite0, 256 -> 224, batch 32) on bottle and magnetic_tile, at CPU epoch
@@ -129,7 +129,7 @@ bench-distillation: $(STAMP)
 	    for knob in 'score_patch_sizes=[17]' 'score_patch_sizes=[33]' 'score_patch_sizes=[65]' score_students=1; do \
 	      $(PYTHON) experiments/retest.py $$run "$$knob" || exit 1; done; fi; \
 	done; done
-	$(PYTHON) experiments/collect.py $(BENCH_DIR) --rows method dataset epochs \
+	$(PYTHON) -m anomalib_lite.collect $(BENCH_DIR) --rows method dataset epochs \
 	  --metrics image_auroc pixel_auroc pixel_aupro pixel_ap seconds_per_epoch fit_seconds
 
 # Few-shot on bottle: PatchCore and the self-supervised flow fitted on k = 1, 2, 4, 8 normal images.
@@ -139,7 +139,7 @@ bench-few-shot: $(STAMP)
 	$(PYTHON) -m anomalib_lite -m experiment=lite0_mvtec method=patchcore dataset.num_shots=1,2,4,8 hydra.sweep.dir=$(BENCH_DIR)/patchcore
 	$(PYTHON) -m anomalib_lite -m experiment=lite0_mvtec method=ss_flow method.epochs=$(or $(SS_FLOW_EPOCHS),24) \
 	  dataset.num_shots=1,2,4,8 hydra.sweep.dir=$(BENCH_DIR)/ss_flow
-	$(PYTHON) experiments/collect.py $(BENCH_DIR) --rows method num_shots
+	$(PYTHON) -m anomalib_lite.collect $(BENCH_DIR) --rows method num_shots
 
 # Few-shot on bottle, the issue-13 table: RegAD against PatchCore, k = 2, 4, 8, ten seeded support
 # sets each (mean +- std). RegAD's registration is trained once (cached) on magnetic_tile and the
@@ -150,7 +150,7 @@ bench-regad: $(STAMP)
 	  method.registration.shots=2 method.epochs=$(or $(REGAD_EPOCHS),2) hydra.sweep.dir=$(BENCH_DIR)/regad
 	$(PYTHON) -m anomalib_lite -m experiment=lite0_mvtec method=patchcore dataset.num_shots=2,4,8 'seed=range(0,10)' \
 	  hydra.sweep.dir=$(BENCH_DIR)/patchcore
-	$(PYTHON) experiments/collect.py $(BENCH_DIR) --rows method num_shots --aggregate \
+	$(PYTHON) -m anomalib_lite.collect $(BENCH_DIR) --rows method num_shots --aggregate \
 	  --metrics image_auroc pixel_auroc pixel_aupro
 
 bench-coreset: $(STAMP)
@@ -179,7 +179,7 @@ bench-coreset-gap: $(STAMP)
 	  $(ANOMALIB_PYTHON) experiments/anomalib_reference.py patchcore --dataset $$([ $$experiment = lite0_mtd ] && echo mtd || echo mvtec) \
 	    --coreset-ratio $(CORESET_GAP_RATIO) --out $(BENCH_DIR)-anomalib || exit 1; \
 	done
-	$(PYTHON) experiments/collect.py $(BENCH_DIR) --metrics image_auroc pixel_auroc pixel_aupro coreset_radius fit_seconds test_seconds
+	$(PYTHON) -m anomalib_lite.collect $(BENCH_DIR) --metrics image_auroc pixel_auroc pixel_aupro coreset_radius fit_seconds test_seconds
 
 # PatchCore's embedding chosen on held-out images (hparams_search=patchcore_embedding: the authors'
 # per-level pooling and anomalib's concatenation, one trial each) at 1 % and 10 % on both datasets;
@@ -189,7 +189,7 @@ bench-embedding-search: $(STAMP)
 	for experiment in $(CORESET_GAP_DATASETS); do for ratio in $(EMBEDDING_SEARCH_RATIOS); do \
 	  $(PYTHON) -m anomalib_lite hparams_search=patchcore_embedding experiment=$$experiment \
 	    method.coreset_sampler.ratio=$$ratio hydra.sweep.dir=$(BENCH_DIR)/$${experiment}_$$ratio || exit 1; \
-	  $(PYTHON) experiments/collect.py $(BENCH_DIR)/$${experiment}_$$ratio --metrics image_auroc pixel_auroc pixel_aupro \
+	  $(PYTHON) -m anomalib_lite.collect $(BENCH_DIR)/$${experiment}_$$ratio --metrics image_auroc pixel_auroc pixel_aupro \
 	    val_synthetic_aupro fit_seconds test_seconds || exit 1; \
 	  cat $(BENCH_DIR)/$${experiment}_$$ratio/optimization_results.yaml; \
 	done; done

@@ -7,17 +7,23 @@ in about a second, and the ~10 s of importing Lightning is paid only by a run th
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from anomalib_lite.config import CONFIG_DIR, backbone_override_error, check_config
-from anomalib_lite.errors import UserInputError, find_user_error, one_line
-from anomalib_lite.run_dir import check_run_dir, remove_stale_staging
+from anomalib_lite.errors import Interrupted, UserInputError, find_user_error, one_line
+from anomalib_lite.run_dir import RunDirLock, check_run_dir, remove_stale_staging
+from anomalib_lite.sweeps import sweep_status
 
 # Where launchers put a process's rank (Lightning's DDP workers, torchrun, SLURM, LSF), as Lightning reads it.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -31,22 +37,31 @@ def process_rank() -> int:
     return 0
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, exit_code: int = UserInputError.exit_code) -> None:
     print(f"anomalib-lite: error: {one_line(message)}", file=sys.stderr, flush=True)
-    sys.exit(UserInputError.exit_code)
+    sys.exit(exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
+    """One job. In a sweep a failed job does not stop the others: it says why in one line (its
+    folder's train.log has the rest) and the sweep goes on; `SweepReport` sums up at the end."""
     from anomalib_lite.train import run  # torch and Lightning: only once a job runs
 
+    _quiet_third_party()  # again: a launcher's worker process (joblib, submitit) runs only this function
+    _apply_logger_levels()
     try:
         results = run(cfg)
     except Exception as error:
         user_error = find_user_error(error)
-        if user_error is None:
-            raise
-        _fail(str(user_error))
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            if user_error is None:
+                raise
+            _fail(str(user_error))
+        job = f"job {HydraConfig.get().job.num} ({Path(cfg.paths.output_dir).name})"
+        reason = one_line(str(user_error or error)) or type(error).__name__
+        print(f"anomalib-lite: error: {job} failed: {reason}; the sweep goes on", file=sys.stderr, flush=True)
+        return None
     return results.get(cfg.get("optimized_metric"))
 
 
@@ -60,7 +75,6 @@ def precheck(args: list[str]) -> str | None:
     if process_rank() != 0 or any(arg.startswith("-") for arg in args):
         return None  # a DDP worker process, a sweep (-m), or --cfg/--help/...
     from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
 
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -74,19 +88,66 @@ def precheck(args: list[str]) -> str | None:
     try:
         check_config(cfg)
         check_run_dir(run_dir, bool(cfg.get("overwrite", False)))
+        RunDirLock.acquire(run_dir)  # held until the process ends: a second run into the folder is refused
     except UserInputError as error:
         return str(error)
     remove_stale_staging(run_dir)
     return None
 
 
+class SweepReport(Callback):
+    """At the end of a sweep (in the process that launched it, whatever the launcher): which jobs
+    failed and why, and which never ran; the command then exits 1."""
+
+    failed = False
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
+        status = sweep_status(Path(str(config.hydra.sweep.dir)))
+        for line in status.summary_lines():
+            print(f"anomalib-lite: {line}", file=sys.stderr, flush=True)
+        SweepReport.failed = bool(status.failed or status.missing)
+
+
+MAIN_PROCESS = os.getpid()
+
+
+def _raise_interrupted(signal_number: int, frame: object) -> None:
+    """The command's process stops with `Interrupted`; a forked child (a data loader worker) as it would have."""
+    if os.getpid() != MAIN_PROCESS:
+        signal.signal(signal_number, signal.SIG_DFL)
+        os.kill(os.getpid(), signal_number)
+        return
+    raise Interrupted(signal_number, signal.Signals(signal_number).name)
+
+
 def main() -> None:
     """The console entry point."""
     _quiet_third_party()
-    message = backbone_override_error(sys.argv[1:]) or precheck(sys.argv[1:])
-    if message is not None:
-        _fail(message)
-    hydra_main()
+    global MAIN_PROCESS
+    MAIN_PROCESS = os.getpid()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, _raise_interrupted)
+    try:
+        message = backbone_override_error(sys.argv[1:]) or precheck(sys.argv[1:])
+        if message is not None:
+            _fail(message)
+        hydra_main()
+    except Interrupted as interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C does not cut the last line short
+        _fail(f"{interrupted}: the run stopped; an earlier finished run in its folder is as it was", interrupted.exit_code)
+    finally:
+        RunDirLock.release_all()  # the process may go on (the Python API, tests): the folders are free again
+    if SweepReport.failed:
+        sys.exit(1)
+
+
+def _apply_logger_levels() -> None:
+    """The levels of the job's logging config again: Lightning resets its loggers to INFO when it is
+    first imported, which in a sweep's job happens after Hydra applied the config (its device
+    lines, tips and "fit stopped" would print for every job)."""
+    for name, settings in (HydraConfig.get().job_logging.get("loggers") or {}).items():
+        if settings and settings.get("level"):
+            logging.getLogger(name).setLevel(settings["level"])
 
 
 def _quiet_third_party() -> None:

@@ -14,6 +14,7 @@ from anomalib_lite.errors import UserInputError
 from anomalib_lite.run_dir import check_writable
 from anomalib_lite.schema import check_node
 
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned
 # Found through the package, so an installed wheel has its configs too.
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
@@ -77,6 +78,17 @@ def check_config(cfg: DictConfig) -> None:
     """
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
         raise UserInputError(f"seed={cfg.get('seed')!r}: must be an integer")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise UserInputError(f"seed={cfg.seed}: must be from 0 to {MAX_SEED} (the generators' seed range)")
+    accelerator = str(cfg.get("trainer", {}).get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda"):
+        import torch  # only here: a CPU run's command answers without it
+
+        if not torch.cuda.is_available():
+            raise UserInputError(
+                f"trainer.accelerator={accelerator}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
+                "use trainer=cpu"
+            )
     if not isinstance(cfg.get("overwrite", False), bool):
         raise UserInputError(f"overwrite={cfg.get('overwrite')!r}: must be true or false")
     for group in ("method", "dataset", "trainer"):

@@ -18,82 +18,34 @@ import argparse
 import csv
 import logging
 import os
-import shutil
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
-from hydra.utils import get_class
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from anomalib_lite.callbacks.heatmaps import heatmap_name, render_heatmap
+from anomalib_lite.checkpoint import find_checkpoint, load_model, run_dir_of
 from anomalib_lite.data.batch import Batch, collate_items
-from anomalib_lite.data.samples import IMAGE_EXTENSIONS, AnomalyDataset, ImageResize, Sample, is_image_file
+from anomalib_lite.data.samples import (
+    IMAGE_EXTENSIONS,
+    AnomalyDataset,
+    Sample,
+    check_file_name,
+    is_image_file,
+)
 from anomalib_lite.errors import UserInputError, find_user_error, one_line
 from anomalib_lite.models.components import AnomalyModule
-from anomalib_lite.run_dir import check_writable
+from anomalib_lite.run_dir import OwnedFiles, check_writable
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoints/model.ckpt"  # where a run keeps its model (train.py)
 MAX_PENDING = 64  # heatmaps handed to the writer thread and not yet written: bounds the images held
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A run dir (its checkpoints/model.ckpt) or a checkpoint file."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / CHECKPOINT_NAME).is_file():
-            return path / CHECKPOINT_NAME
-        raise UserInputError(f"{path} holds no {CHECKPOINT_NAME}: give a finished run's folder or a .ckpt file")
-    if not path.is_file():
-        raise UserInputError(f"no such run folder or checkpoint: {path}")
-    return path
-
-
-def _run_dir(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
-def _stored_settings(checkpoint: Path, stored: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    """(method class path, resize settings) from the checkpoint, or from its run's config.yaml for
-    checkpoints written before the checkpoint carried them."""
-    info = stored.get("anomalib_lite")
-    if info:
-        return info["method_class"], info["preprocessing"]
-    config_path = _run_dir(checkpoint) / "config.yaml"
-    if not config_path.is_file():
-        raise UserInputError(
-            f"{checkpoint} is not an anomalib-lite checkpoint (no method recorded, and no config.yaml beside its run)"
-        )
-    config = yaml.safe_load(config_path.read_text())
-    dataset = config.get("dataset", {})
-    return config["method"]["_target_"], {"image_size": dataset["image_size"], "crop_size": dataset.get("crop_size")}
-
-
-def load_model(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> AnomalyModule:
-    """The method of a run (its folder or a checkpoint file), in eval mode, with its preprocessing."""
-    path = find_checkpoint(checkpoint)
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserInputError(f"cannot read checkpoint {path}: {one_line(str(error))}") from None
-    class_path, preprocessing = _stored_settings(path, stored)
-    del stored
-    module_class = get_class(class_path)
-    model = module_class.load_from_checkpoint(path, map_location=map_location, weights_only=False)
-    if preprocessing is not None:
-        model.image_resize = ImageResize(**preprocessing)
-    if torch.isnan(model.image_threshold):
-        raise UserInputError(f"{path} holds no fitted thresholds: it was saved before validation finished")
-    return model.eval()
 
 
 def list_image_files(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
@@ -102,11 +54,12 @@ def list_image_files(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
     found: list[tuple[Path, str]] = []
     for given in map(Path, paths):
         if given.is_file():
-            found.append((given, ""))
+            found.append((check_file_name(given), ""))
         elif given.is_dir():
             for file in sorted(given.rglob("*")):
                 relative = file.relative_to(given)
                 if file.is_file() and is_image_file(file) and not any(part.startswith(".") for part in relative.parts):
+                    check_file_name(file)
                     found.append((file, relative.parent.as_posix() if relative.parent != Path(".") else ""))
         else:
             raise UserInputError(f"no such image folder or file: {given}")
@@ -129,12 +82,57 @@ def predict_batches(
             yield batch, output.pred_score.float().cpu(), output.anomaly_map.float().cpu()
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
-    if (output / "predictions.csv").exists() and not overwrite:
-        raise UserInputError(f"{output} already holds predictions.csv: pass --overwrite to replace it, or --output another folder")
+PREDICT_RECORD = ".anomalib_lite_predict.json"  # in --output: the files this command wrote there
+
+
+def _prepare_output(output: Path, overwrite: bool, heatmap_targets: Sequence[Path]) -> OwnedFiles:
+    """The output folder's own files, checked: earlier predictions only with `overwrite`, and never
+    a file of the user's (at a path this call would write)."""
     check_writable(output, "--output")
+    owned = OwnedFiles(output, PREDICT_RECORD)
+    earlier = set(owned.read() or [])
+    for target in [output / "predictions.csv", *heatmap_targets]:
+        name = target.relative_to(output).as_posix()
+        if (target.exists() or target.is_symlink()) and name not in earlier:
+            raise UserInputError(f"{target} exists and was not written by anomalib-lite-predict: choose another --output")
+    if earlier and not overwrite:
+        raise UserInputError(f"{output} already holds predictions.csv: pass --overwrite to replace it, or --output another folder")
     output.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(output / "heatmaps", ignore_errors=True)
+    owned.remove_listed()  # this command's earlier files, and only those
+    return owned
+
+
+def unique_heatmap_paths(files: Sequence[tuple[Path, str]]) -> list[Path]:
+    """A heatmap path per input, relative to the heatmaps folder, distinct for every input: inputs
+    from several given folders can share a relative path, and a name can differ only by case."""
+    taken: set[str] = set()
+    paths = []
+    for image, folder in files:
+        path = Path(folder) / heatmap_name(image.name)
+        candidate, count = path, 1
+        while candidate.as_posix().lower() in taken:  # lower(): a case-insensitive file system, too
+            count += 1
+            candidate = path.with_name(f"{path.stem}_{count}{path.suffix}")
+        taken.add(candidate.as_posix().lower())
+        paths.append(candidate)
+    return paths
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` -> cuda when there is one, else cpu; an explicit device must exist here."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise UserInputError(f"--device {requested}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"--device {requested}: this machine has no CUDA device; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserInputError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise UserInputError(f"--device {requested}: only cpu and cuda devices are supported")
+    return str(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image reading processes")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--overwrite", action="store_true", help="replace earlier predictions in --output")
+    parser.add_argument("--overwrite", action="store_true", help="replace this command's earlier predictions in --output")
+    parser.add_argument(
+        "--trust-package", action="append", default=[], metavar="NAME",
+        help="a package of your own whose method classes the checkpoint may name (anomalib_lite's always may)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
@@ -166,12 +168,20 @@ def _predict(args: argparse.Namespace) -> int:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_heatmaps is not None and args.max_heatmaps < 0:
         raise UserInputError(f"--max-heatmaps must be 0 or more, got {args.max_heatmaps}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     checkpoint = find_checkpoint(args.run)
-    files = list_image_files(args.images)
-    output = args.output or _run_dir(checkpoint) / "predict" / (Path(args.images[0]).resolve().name or "images")
-    _prepare_output(output, args.overwrite)
-    model = load_model(checkpoint, map_location=device)
+    output = args.output or run_dir_of(checkpoint) / "predict" / (Path(args.images[0]).resolve().name or "images")
+    # Outputs are never inputs: this command's earlier files in --output (it may be the images folder) are left out.
+    earlier = {(output / name).absolute() for name in OwnedFiles(output, PREDICT_RECORD).read() or []}
+    files = [(f, folder) for f, folder in list_image_files(args.images) if f.absolute() not in earlier]
+    if not files:
+        raise UserInputError(f"no images under {', '.join(args.images)} but this command's own earlier outputs")
+    max_heatmaps = len(files) if args.max_heatmaps is None else args.max_heatmaps
+    heatmap_paths = [output / "heatmaps" / p for p in unique_heatmap_paths(files)[:max_heatmaps]]
+    owned = _prepare_output(output, args.overwrite, heatmap_paths)
+    # Listed before anything is written: a call that fails half-way still owns what it wrote.
+    owned.write(["predictions.csv", *(p.relative_to(output).as_posix() for p in heatmap_paths)])
+    model = load_model(checkpoint, map_location=device, trusted_packages=args.trust_package)
     threshold = float(model.image_threshold)
     scale = (float(model.pixel_floor), float(model.pixel_threshold))
     log.info(
@@ -179,7 +189,6 @@ def _predict(args: argparse.Namespace) -> int:
         model.image_resize.settings(), threshold,
     )
     folders = dict(files)
-    max_heatmaps = len(files) if args.max_heatmaps is None else args.max_heatmaps
     rows, pending = [], deque()
     start = time.perf_counter()
     with ThreadPoolExecutor(1, thread_name_prefix="heatmaps") as pool, tqdm(
@@ -196,7 +205,7 @@ def _predict(args: argparse.Namespace) -> int:
                 if len(rows) <= max_heatmaps:
                     title = f"{folder}/{path.name}" if folder else path.name
                     text = f"score {score:.3g}, threshold {threshold:.3g}: {'ANOMALOUS' if anomalous else 'normal'}"
-                    target = output / "heatmaps" / folder / heatmap_name(path.name)
+                    target = heatmap_paths[len(rows) - 1]
                     while len(pending) >= MAX_PENDING:
                         pending.popleft().result()  # re-raises a worker's error
                     pending.append(pool.submit(_save_heatmap, batch.image[i], normalized[i], title, text, scale, anomalous, target))

@@ -23,10 +23,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from anomalib_lite.callbacks import ReportingCallback
 from anomalib_lite.config import check_config, method_name, uses_backbone
 from anomalib_lite.data import AnomalyDataModule
+from anomalib_lite.errors import UserInputError
 from anomalib_lite.metrics import tidy
 from anomalib_lite.models.components import AnomalyModule, FittedOnEmbeddings
 from anomalib_lite.models.components.anomaly_module import VALIDATION_METRICS
-from anomalib_lite.run_dir import STAGING, StagedRun, check_run_dir
+from anomalib_lite.run_dir import STAGING, RunDirLock, StagedRun, check_run_dir, remove_stale_staging
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +57,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)  # config mistakes first: nothing is read or written before they are ruled out
     run_dir = Path(cfg.paths.output_dir)
     is_writer = rank_zero_only.rank == 0  # DDP: the other ranks' processes write into the same staging
-    if is_writer:
-        check_run_dir(run_dir, bool(cfg.get("overwrite", False)))
-    staged = copy.deepcopy(cfg)
-    with open_dict(staged):
-        staged.paths.output_dir = str(run_dir / STAGING)
-    with StagedRun(run_dir, is_writer) as stage:
-        try:
-            results = _run(staged, cfg, run_dir)
-        except BaseException:
-            if is_writer and stage.has_earlier_run:
-                log.error("%s is left as it was; this attempt's files are in %s", run_dir, stage.staging)
-            raise
+    # A sweep's job takes its folder's lock here; a single run's command took it already (cli.precheck).
+    locked_here = is_writer and RunDirLock.acquire(run_dir)
+    try:
+        if is_writer:
+            try:
+                check_run_dir(run_dir, bool(cfg.get("overwrite", False)))
+            except UserInputError:
+                remove_stale_staging(run_dir)  # what Hydra just staged there (only ours is removed)
+                raise
+        staged = copy.deepcopy(cfg)
+        with open_dict(staged):
+            staged.paths.output_dir = str(run_dir / STAGING)
+        with StagedRun(run_dir, is_writer) as stage:
+            try:
+                results = _run(staged, cfg, run_dir)
+            except BaseException:
+                if is_writer and stage.has_earlier_run:
+                    log.error("%s is left as it was; this attempt's files are in %s", run_dir, stage.staging)
+                raise
+    finally:
+        if locked_here:
+            RunDirLock.release(run_dir)
     if is_writer:
         _report(results, run_dir)
     return results
@@ -102,7 +113,7 @@ def _run(cfg: DictConfig, original: DictConfig, run_dir: Path) -> dict[str, Any]
     # Trained methods go on with their best epoch's weights (restored from its checkpoint).
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     start = time.perf_counter()
-    trainer.validate(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None)
+    trainer.validate(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None, weights_only=True)
     validate_seconds = time.perf_counter() - start
     log.info(
         "thresholds fitted on %d held-out normal images: image %.4g, pixel %.4g%s", len(datamodule.val_samples),

@@ -22,12 +22,11 @@ import argparse
 import json
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
+from anomalib_lite.checkpoint import load_model, run_datamodule
 from anomalib_lite.metrics import compute_metrics
 
 SCORES = ("image_auroc", "pixel_auroc", "pixel_aupro")
@@ -36,12 +35,9 @@ SCORES = ("image_auroc", "pixel_auroc", "pixel_aupro")
 @torch.no_grad()
 def test_log_likelihoods(run: Path) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Per level (N, 1, h, w) log p / C of every test image, with labels, masks and the offsets."""
-    cfg = OmegaConf.load(run / "config.yaml")
-    datamodule = hydra.utils.instantiate(cfg.dataset)
+    datamodule = run_datamodule(run)
     datamodule.setup("test")
-    module = hydra.utils.get_class(cfg.method._target_).load_from_checkpoint(
-        run / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False
-    )
+    module = load_model(run)  # read as data: no code runs from the checkpoint
     model = module.model.eval()
     per_level: list[list[torch.Tensor]] = [[] for _ in model.decoders]
     labels, masks = [], []

@@ -5,13 +5,14 @@ With random encoders (`reverse_distillation_resnet18_random`: no ResNet ImageNet
 here) each seed draws another encoder, and the encoder, not the code, dominates the score spread;
 the same encoder on both sides compares the code.
 
-    ../venv-anomalib/bin/python experiments/export_anomalib_encoder.py CHECKPOINT OUT.pth   # anomalib's venv
+    ../venv-anomalib/bin/python experiments/export_anomalib_encoder.py CHECKPOINT OUT.pth --trust-checkpoint  # anomalib's venv
     anomalib-lite ... backbone=resnet18 backbone.weights=OUT.pth
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 import torch
@@ -24,8 +25,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="an anomalib model.ckpt")
     parser.add_argument("out", type=Path, help="the .pth to write")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="anomalib checkpoints pickle objects (its pre- and post-processors), so reading one runs code: only for a "
+        "checkpoint you wrote yourself; without this flag it is read as data only",
+    )
     args = parser.parse_args()
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        stored = torch.load(args.checkpoint, map_location="cpu", weights_only=not args.trust_checkpoint)
+    except pickle.UnpicklingError:
+        raise SystemExit(
+            f"{args.checkpoint} needs code to be read: pass --trust-checkpoint only if you wrote it yourself"
+        ) from None
+    state = stored["state_dict"]
     encoder = {key.removeprefix(PREFIX): tensor for key, tensor in state.items() if key.startswith(PREFIX)}
     if not encoder:
         raise SystemExit(f"{args.checkpoint} holds no {PREFIX}* tensors (not an anomalib model with a timm encoder?)")

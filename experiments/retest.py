@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import yaml
-from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from anomalib_lite.callbacks import AnomalyMetrics
+from anomalib_lite.checkpoint import load_model, run_datamodule
+from anomalib_lite.errors import UserInputError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,16 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"expected key=value, got {item!r}")
         overrides[key] = yaml.safe_load(value)
+    try:
+        module = load_model(args.run_dir, overrides=overrides)  # read as data: no code runs from the file
+        datamodule = run_datamodule(args.run_dir)
+    except UserInputError as error:
+        print(f"retest: error: {error}", file=sys.stderr)
+        return UserInputError.exit_code
     suffix = "_".join(f"{k}{v}" for k, v in overrides.items()) or "same"
     out = args.run_dir.parent / f"{args.run_dir.name}_retest_{suffix}"
     out.mkdir(parents=True, exist_ok=True)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.dataset)
-    module_class = get_class(cfg.method._target_)
-    module = module_class.load_from_checkpoint(
-        args.run_dir / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False, **overrides
-    )
     metrics = AnomalyMetrics(fpr_limit=cfg.callbacks.metrics.fpr_limit, predictions_file=str(out / "predictions.csv"))
     accelerator = cfg.trainer.get("accelerator", "cpu")  # where the run ran (a GPU run retests on its GPU)
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[metrics], enable_checkpointing=False)

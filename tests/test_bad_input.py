@@ -14,6 +14,7 @@ from PIL import Image
 
 from anomalib_lite.cli import RANK_VARIABLES, precheck
 from anomalib_lite.data import generate_category
+from anomalib_lite.run_dir import LOCK, RUN_RECORD, STAGING, OwnedFiles
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,7 @@ def _bad_dataset_run(case: str, mvtec_root: Path, tmp_path: Path, cache_dir: Pat
     run_dir = tmp_path / "previous-run"
     run_dir.mkdir()
     (run_dir / "metrics.json").write_text(json.dumps({"image_auroc": 0.5}))
+    OwnedFiles(run_dir, RUN_RECORD).write(["metrics.json"])  # as a finished run of ours lists its files
     args = [
         "dataset=mvtec", *cli_tiny_args(cache_dir, synthetic=False), f"dataset.root={root}", override,
         "dataset.image_size=64", "dataset.crop_size=null", f"hydra.run.dir={run_dir}", "overwrite=true",
@@ -93,7 +95,9 @@ def _assert_one_line_and_nothing_overwritten(code: int, stderr: str, expected: s
     assert "Traceback" not in stderr
     # overwrite=true replaces a finished run only once the new one succeeds: this one failed.
     assert json.loads((run_dir / "metrics.json").read_text()) == {"image_auroc": 0.5}
-    after = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if ".incomplete" not in p.relative_to(run_dir).parts)
+    after = sorted(
+        p.relative_to(run_dir) for p in run_dir.rglob("*") if not {STAGING, LOCK} & set(p.relative_to(run_dir).parts)
+    )
     assert after == before
 
 

@@ -49,7 +49,7 @@ def _batch(count: int, start: int) -> tuple:
 
 def test_heatmap_names_keep_the_extension() -> None:
     assert heatmap_name("000.png") != heatmap_name("000.jpg")
-    assert heatmap_name("000.PNG") == "000_png.png"
+    assert heatmap_name("000.PNG") == "000_PNG.png" != heatmap_name("000.png")  # a.png and a.PNG can share a folder
 
 
 def test_heatmaps_written_in_the_background_are_the_synchronous_renders(tmp_path: Path) -> None:

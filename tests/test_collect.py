@@ -1,4 +1,4 @@
-"""experiments/collect.py on hand-made run folders."""
+"""anomalib-lite-collect on hand-made run folders."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-spec = importlib.util.spec_from_file_location("collect", REPO / "experiments" / "collect.py")
-collect = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(collect)
+from anomalib_lite import collect
 
 
 def _run(root: Path, name: str, **fields) -> None:

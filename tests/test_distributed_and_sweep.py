@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_tiny_args, run_cli
+from conftest import cli_tiny_args, run_cli
+
+from anomalib_lite.checkpoint import read_checkpoint
 
 
 def _bank(run_dir: Path) -> torch.Tensor:
-    checkpoint = torch.load(run_dir / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "model.ckpt")
     return checkpoint["state_dict"]["model.memory_bank"]
 
 
@@ -71,7 +73,7 @@ def test_multirun_sweep_and_collect(tmp_path: Path, cache_dir: Path) -> None:
     assert combos == {("patchcore", "stripes"), ("patchcore", "disc"), ("padim", "stripes"), ("padim", "disc")}
 
     collected = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "collect.py"), str(sweep_dir)],
+        [sys.executable, "-m", "anomalib_lite.collect", str(sweep_dir)],
         capture_output=True, text=True, check=True,
     )
     table = collected.stdout

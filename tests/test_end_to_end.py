@@ -21,6 +21,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from anomalib_lite import predict
+from anomalib_lite.checkpoint import load_model, read_checkpoint
 from anomalib_lite.data import AnomalyDataset
 from anomalib_lite.data.samples import ImageResize, Sample
 from anomalib_lite.models.components import TrainedModule
@@ -107,8 +108,7 @@ def _test_images(out: Path, count: int) -> tuple[torch.Tensor, list[float]]:
 
 def _reloaded(cfg, out: Path):  # noqa: ANN001, ANN202
     """The method rebuilt from the run's checkpoint alone, in eval mode."""
-    module_class = get_class(cfg.method._target_)
-    return module_class.load_from_checkpoint(out / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False).eval()
+    return load_model(out)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -163,7 +163,7 @@ def test_an_image_scores_the_same_alone_and_in_a_batch(method: str, fitted) -> N
 def test_center_crop_and_coreset_ratio(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("dataset.category=weave", "dataset.image_size=96", "dataset.crop_size=64", "method.coreset_sampler.ratio=0.25")
     run(cfg)
-    state = torch.load(tmp_path / "run" / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)
+    state = read_checkpoint(tmp_path / "run" / "checkpoints" / "model.ckpt")
     bank = state["state_dict"]["model.memory_bank"]
     # 64 px input -> 8 x 8 level-2 patches per image; 12 normal images, 20% held out -> 10 fitted.
     assert bank.shape[0] == round(10 * 64 * 0.25)
@@ -190,7 +190,7 @@ def test_trained_method_keeps_its_best_epoch_by_validation_loss(make_cfg, tmp_pa
     assert results["best_epoch"] == best + 1 and results["epochs"] == 5
     assert final_validation == pytest.approx(val_losses[best], rel=1e-5)
     best_weights = torch.load(out / "checkpoints" / "best_epoch.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    final_weights = torch.load(out / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    final_weights = read_checkpoint(out / "checkpoints" / "model.ckpt")["state_dict"]
     flow_keys = [k for k in best_weights if k.startswith("model.flows.")]
     assert flow_keys and all(torch.equal(best_weights[k], final_weights[k]) for k in flow_keys)
 
@@ -213,6 +213,6 @@ def test_memory_bank_method_says_it_overrides_max_epochs(make_cfg, caplog) -> No
 def test_few_shot_run_fits_on_k_images(make_cfg, tmp_path: Path) -> None:
     results = run(make_cfg("method=patchcore", "dataset.num_shots=2", "dataset.category=disc"))
     assert results["num_train_images"] == 2
-    state = torch.load(tmp_path / "run" / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)
+    state = read_checkpoint(tmp_path / "run" / "checkpoints" / "model.ckpt")
     # 96 px -> 12 x 12 level-2 patches per image, 2 images, coreset ratio 0.1.
     assert state["state_dict"]["model.memory_bank"].shape[0] == round(2 * 144 * 0.1)

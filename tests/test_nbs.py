@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_DATA, compose_config
 
+from anomalib_lite.checkpoint import load_model
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.nbs.lightning_model import Nbs
 from anomalib_lite.models.nbs.torch_model import (
@@ -132,6 +133,6 @@ def test_a_run_learns_from_labelled_anomalies(tmp_path: Path, caplog: pytest.Log
     assert "NBS learns from 3 labelled anomalous images" in caplog.text and "synthetic anomalies instead" not in caplog.text
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["num_labelled_anomalies"] == 3
-    module = Nbs.load_from_checkpoint(tmp_path / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)
+    module = load_model(tmp_path)
     first, *rest = [torch.cat([p.flatten() for p in s.parameters()]) for s in module.model.snapshots]
     assert all(not torch.equal(first, other) for other in rest)

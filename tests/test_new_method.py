@@ -15,8 +15,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import cli_tiny_args, run_cli
+
+from anomalib_lite.checkpoint import read_checkpoint
 
 TORCH_MODELS = '''
 import torch
@@ -154,7 +155,7 @@ def test_a_method_without_backbone_runs_from_its_folder_and_yaml(plugin, tmp_pat
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["method"] == "toy_ae" and metrics["backbone"] is None and metrics["epochs"] == 3
     assert 0 <= metrics["image_auroc"] <= 1 and metrics["val_synthetic_aupro"] is not None
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "model.ckpt")
     assert not any(key.startswith("model.feature_extractor") for key in checkpoint["state_dict"])
     # The yaml's schedule ran: MultiStepLR at epoch 2 took the lr from 0.01 to 0.001.
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.001)
@@ -166,7 +167,7 @@ def test_a_generator_and_a_discriminator_step_alternately(plugin, tmp_path: Path
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["method"] == "toy_gan" and metrics["best_epoch"] in (1, 2)
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "model.ckpt")
     states = checkpoint["optimizer_states"]
     assert len(states) == 2
     # 9 fitted images in batches of 8: 2 steps per epoch for each optimiser, 2 epochs.

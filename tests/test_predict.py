@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from anomalib_lite import predict
+from anomalib_lite.checkpoint import read_checkpoint
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.train import run
 
@@ -34,7 +35,7 @@ def resized_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Pa
 
 
 def test_the_checkpoint_carries_the_resize_and_the_method(resized_run: Path) -> None:
-    stored = torch.load(resized_run / "checkpoints" / "model.ckpt", map_location="cpu", weights_only=False)
+    stored = read_checkpoint(resized_run / "checkpoints" / "model.ckpt")
     assert stored["anomalib_lite"] == {
         "method_class": "anomalib_lite.models.patchcore.lightning_model.Patchcore",
         "preprocessing": {"image_size": [96, 96], "crop_size": [80, 80]},

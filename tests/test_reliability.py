@@ -56,11 +56,15 @@ CONFIG_MISTAKES = {
     "dataset=folder": "dataset.normal_dir is required",
     "trainer.max_epochs=abc": "trainer.max_epochs='abc': must be an integer or null",
     "overwrite=maybe": "overwrite='maybe': must be true or false",
+    "seed=-1": "seed=-1: must be from 0 to 4294967295",
+    "trainer=gpu": "trainer.accelerator=gpu: this machine has no CUDA GPU",
 }
 
 
 @pytest.mark.parametrize("mistake", list(CONFIG_MISTAKES))
 def test_config_mistake_is_one_line_before_anything_is_written(mistake: str, tmp_path: Path, cache_dir: Path, capsys) -> None:
+    if mistake == "trainer=gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     run_dir = tmp_path / "run"
     data = TINY_COMMON if mistake.startswith("dataset=") else tiny(cache_dir)  # another dataset: no synthetic knobs
     code, stderr = run_main([*data, mistake, f"hydra.run.dir={run_dir}"], capsys)
@@ -129,13 +133,14 @@ def test_a_failed_overwrite_leaves_the_earlier_run_intact(finished_run, capsys) 
 
 
 def test_overwrite_replaces_a_finished_run_once_the_new_one_succeeds(finished_run, capsys) -> None:
+    """The earlier run's own files are replaced; a file the user put among them is not the run's, and stays."""
     base, args = finished_run
-    stale = base / "run" / "heatmaps" / "stale.png"
-    stale.write_bytes(b"from the earlier run")
+    mine = base / "run" / "heatmaps" / "mine.png"
+    mine.write_bytes(b"the user's")
     code, stderr = run_main([*args, "overwrite=true", "seed=1"], capsys)
     assert code == 0, stderr
     assert json.loads((base / "run" / "metrics.json").read_text())["seed"] == 1
-    assert not stale.exists() and not (base / "run" / STAGING).exists()
+    assert mine.read_bytes() == b"the user's" and not (base / "run" / STAGING).exists()
     log = (base / "run" / "train.log").read_text()
     assert "fitting on" in log and "image_auroc" in log
 

@@ -118,9 +118,10 @@ def render_heatmap(
 
 
 def heatmap_name(image_name: str) -> str:
-    """`000.png` -> `000_png.png`: the extension stays, so 000.png and 000.jpg get a heatmap each."""
+    """`000.png` -> `000_png.png`: the extension stays, as it is written, so 000.png, 000.PNG and
+    000.jpg get a heatmap each (the image extensions hold no "_", so no two names meet)."""
     path = Path(image_name)
-    return f"{path.stem}_{path.suffix.lstrip('.').lower() or 'image'}.png"
+    return f"{path.stem}_{path.suffix.lstrip('.') or 'image'}.png"
 
 
 def _save_atomically(image: Image.Image, path: Path) -> None:

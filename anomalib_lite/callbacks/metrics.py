@@ -72,7 +72,8 @@ class AnomalyMetrics(ReportingCallback):
         if self.predictions_file is not None and trainer.is_global_zero:
             # Paths by dataset index: rank 0 writes every rank's rows under DDP.
             self._write_predictions(gathered, trainer.datamodule.test_samples, threshold)
-        pl_module.log_dict({k: float(v) for k, v in self.results.items() if v is not None}, sync_dist=False)
+        numbers = {k: float(v) for k, v in self.results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        pl_module.log_dict(numbers, sync_dist=False)  # the notes (text) go to metrics.json only
         self.results["metrics_seconds"] = round(time.perf_counter() - start, 3)
 
     def _write_predictions(self, gathered: dict[str, torch.Tensor], samples: list, threshold: float) -> None:

@@ -123,6 +123,12 @@ class AnomalyDataModule(L.LightningDataModule):
         if not any(s.label == 0 for s in test):
             raise UserInputError(f"the test set of {self.name} has no normal images: AUROC needs both kinds")
         self.report = check_files(train + test, self.mask_threshold)
+        report = self.report
+        if report.num_masks and len(report.empty_masks) == report.num_masks and max(report.mask_values, default=0) > 0:
+            raise UserInputError(
+                f"dataset.mask_threshold={self.mask_threshold:g}: no pixel of the {report.num_masks} defect masks is above "
+                "it, so there would be no defect pixel to score; lower it (0: every non-zero mask pixel is defect)"
+            )
         self._log_report()
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
         num_val = max(1, round(len(train) * self.val_ratio))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,21 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.stem.endswith("_mask") and not path.name.startswith(".")
 
 
+def check_file_name(path: Path) -> Path:
+    """`path`, if its name can be written into predictions.csv, metrics.json and heatmap titles (UTF-8)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(os.fsencode(path))[2:-1]  # the bytes, those that are not UTF-8 as \xff
+        raise UserInputError(f"file name is not valid UTF-8: {shown}: rename it") from None
+    return path
+
+
 def list_images(directory: Path) -> list[Path]:
     """Image files directly in `directory`, sorted by name (masks excluded)."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if is_image_file(p))
+    return sorted(check_file_name(p) for p in directory.iterdir() if is_image_file(p))
 
 
 class ImageResize:

@@ -7,8 +7,11 @@ types drawn through a mask, so the mask is exactly the set of changed pixels:
   stain    - a translucent coloured blob (union of ellipses)
   missing  - a region that is gone: flat backing (textures) or a notch cut out of the object
 Generation is seeded per category and cached under `root`; a completed category carries a
-`.complete` file with its parameters, and is written to a temporary folder first, so an
-interrupted or concurrent run never leaves a half-written category behind.
+`.complete` file with its parameters, and is written to a temporary folder first and renamed into
+place, so an interrupted or concurrent run never leaves a half-written category behind. A cached
+category is never deleted or rewritten (another run may be reading it): the data module keeps
+each set of generation settings in its own folder (`cache_key`), so runs with other settings,
+in sequence or side by side in a sweep, each read their own.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from anomalib_lite.schema import PositiveInt, Range
 
 CATEGORIES = ("stripes", "weave", "disc")
 DEFECT_TYPES = ("scratch", "hole", "stain", "missing")
+GENERATOR_VERSION = 1  # raised when the generator's output changes: the cache then fills a new folder
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
@@ -138,15 +142,19 @@ def generate_category(
     root = Path(root).expanduser()
     params = {
         "category": category, "image_size": image_size, "num_train": num_train,
-        "num_test_good": num_test_good, "num_test_per_defect": num_test_per_defect, "seed": seed, "version": 1,
+        "num_test_good": num_test_good, "num_test_per_defect": num_test_per_defect, "seed": seed,
+        "version": GENERATOR_VERSION,
     }
     target = root / category
     marker = target / ".complete"
     if marker.is_file():
         if json.loads(marker.read_text()) == params:
             return target
-        shutil.rmtree(target)  # our own cache, generated with other parameters
-    elif target.exists():
+        raise UserInputError(
+            f"{target} holds a synthetic dataset generated with other settings ({marker.read_text().strip()}): "
+            "choose another root (SyntheticDataModule keeps one folder per setting)"
+        )
+    if target.exists():
         raise UserInputError(f"{target} exists but is not a synthetic dataset written by anomalib-lite; choose another dataset.root")
     if category not in CATEGORIES:
         raise UserInputError(f"unknown synthetic category '{category}' (choose from: {', '.join(CATEGORIES)})")
@@ -179,6 +187,15 @@ def generate_category(
     return target
 
 
+def cache_key(generator_args: dict) -> str:
+    """The cache folder's name for a set of generation settings (readable, and version-stamped)."""
+    a = generator_args
+    return (
+        f"v{GENERATOR_VERSION}_{a['image_size']}px_train{a['num_train']}_good{a['num_test_good']}"
+        f"_defect{a['num_test_per_defect']}_seed{a['seed']}"
+    )
+
+
 class SyntheticDataModule(MVTecDataModule):
     """The default dataset: generated on first use, then read like any MVTec category."""
 
@@ -199,6 +216,8 @@ class SyntheticDataModule(MVTecDataModule):
             "image_size": generated_size, "num_train": num_train, "num_test_good": num_test_good,
             "num_test_per_defect": num_test_per_defect, "seed": self.seed,
         }
+        # One cache folder per generation setting: a run never rewrites data another run reads.
+        self.root = self.root / cache_key(self.generator_args)
 
     def prepare_data(self) -> None:
         generate_category(self.root, self.category, **self.generator_args)
