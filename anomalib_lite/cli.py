@@ -157,6 +157,11 @@ def _quiet_third_party() -> None:
         r".*module\(s\) in eval mode.*",  # frozen backbones are in eval mode on purpose
         r".*does not have many workers.*",  # num_workers is the user's setting, documented in the dataset yaml
         r".*LeafSpec.*is deprecated.*",  # inside Lightning's pytree helpers
+        # DDP: validation and test results are gathered by dataset index, padded duplicates dropped
+        # (utils.distributed), and the logged metrics are computed from that gathered set, the same on
+        # every rank: the sampler's padding and sync_dist=False are deliberate.
+        r".*Using `DistributedSampler` with the dataloaders\. During `trainer\.(validate|test)\(\)`.*",
+        r".*It is recommended to use `self\.log\(.*sync_dist=True\)`.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

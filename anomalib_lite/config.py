@@ -19,9 +19,11 @@ MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit unsigned
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
-def _run_name(choices: Mapping[str, str], category: str) -> str:
-    """method[_backbone]_category: the run folder's name (methods without a backbone have none)."""
-    parts = [choices.get("method"), choices.get("backbone"), category]
+def _run_name(choices: Mapping[str, str], category: str, backbone: str | None = None) -> str:
+    """method[_backbone]_category: the run folder's name (methods without a backbone have none).
+
+    The backbone by its model's name, as metrics.json and collect's tables name it."""
+    parts = [choices.get("method"), backbone, category]
     return "_".join(str(part) for part in parts if part)
 
 

@@ -183,7 +183,7 @@ def _predict(args: argparse.Namespace) -> int:
     owned.write(["predictions.csv", *(p.relative_to(output).as_posix() for p in heatmap_paths)])
     model = load_model(checkpoint, map_location=device, trusted_packages=args.trust_package)
     threshold = float(model.image_threshold)
-    scale = (float(model.pixel_floor), float(model.pixel_threshold))
+    scale = model.colour_scale()
     log.info(
         "%s: %d images, resized as the run (%s), image threshold %.4g", checkpoint, len(files),
         model.image_resize.settings(), threshold,
@@ -204,7 +204,7 @@ def _predict(args: argparse.Namespace) -> int:
                 rows.append((str(path), folder, f"{score:.9g}", int(anomalous)))
                 if len(rows) <= max_heatmaps:
                     title = f"{folder}/{path.name}" if folder else path.name
-                    text = f"score {score:.3g}, threshold {threshold:.3g}: {'ANOMALOUS' if anomalous else 'normal'}"
+                    text = f"image score {score:.3g}, image threshold {threshold:.3g}: {'ANOMALOUS' if anomalous else 'normal'}"
                     target = heatmap_paths[len(rows) - 1]
                     while len(pending) >= MAX_PENDING:
                         pending.popleft().result()  # re-raises a worker's error
@@ -229,7 +229,10 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_heatmap(image: torch.Tensor, normalized: torch.Tensor, title: str, text: str, scale: tuple[float, float], anomalous: bool, target: Path) -> None:
+def _save_heatmap(
+    image: torch.Tensor, normalized: torch.Tensor, title: str, text: str, scale: tuple[float, float, float], anomalous: bool,
+    target: Path,
+) -> None:
     sheet = render_heatmap(image, None, normalized, title, text, scale=scale, anomalous=anomalous)
     target.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(target)

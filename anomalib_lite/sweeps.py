@@ -62,6 +62,7 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
         hydra = config["hydra"]
         if not str(hydra.get("sweeper", {}).get("_target_", "")).endswith("BasicSweeper"):
             return None
+        # Hydra's own expansion (it has no public one): the jobs are exactly the ones it launched.
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
 

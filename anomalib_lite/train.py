@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -104,7 +105,16 @@ def _run(cfg: DictConfig, original: DictConfig, run_dir: Path) -> dict[str, Any]
             "left out of its test set", name, datamodule.num_labelled_anomalies,
         )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if any(str(node.get("_target_", "")).endswith("WandbLogger") for node in (cfg.get("logger") or {}).values()):
+        # W&B's own start-up and closing lines (36 of them, one naming the staging folder that is gone
+        # after the run): the run's report names its files instead. WANDB_SILENT=false brings them back.
+        os.environ.setdefault("WANDB_SILENT", "true")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous", False) is None:
+            # Lightning passes anonymous=None, which wandb warns about as a deprecated setting: a line
+            # nobody can act on. Not passed, it is wandb's default.
+            logger._wandb_init.pop("anonymous")
     trainer = build_trainer(cfg.trainer, module, name, callbacks=callbacks, logger=loggers)
 
     start = time.perf_counter()
@@ -207,4 +217,6 @@ def _report(results: Mapping[str, Any], output_dir: Path) -> None:
         lines.insert(2, f"  {results['pixel_metrics_note']}")
     if results.get("heatmaps"):
         lines.append(f"  heatmaps: {results['heatmaps']}")
+    for wandb_run in sorted((output_dir / "logs" / "wandb").glob("offline-run-*")):
+        lines.append(f"  wandb:    {wandb_run} (offline; to upload: wandb sync {wandb_run})")
     print("\n".join(lines), flush=True)

@@ -26,14 +26,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 CONF = Path(CONFIG_DIR)
 
-# Small enough for seconds-long fits on a 2-core CPU, large enough for meaningful metrics.
+# Small enough for seconds-long fits on a 2-core CPU, large enough for meaningful metrics: the
+# values of the quick-try data (conf/smoke/data/tiny.yaml; test_configs.py keeps them equal).
+TINY_OUTPUTS = ["callbacks.heatmaps.max_per_type=2", "~callbacks.progress"]
 TINY_COMMON = [
     "dataset.image_size=96",
     "dataset.batch_size=8",
     "dataset.val_ratio=0.2",
     "dataset.num_workers=0",
-    "callbacks.heatmaps.max_per_type=2",
-    "~callbacks.progress",
+    *TINY_OUTPUTS,
 ]
 TINY_SYNTHETIC = [
     "dataset.generated_size=96",

@@ -13,15 +13,17 @@ from PIL import Image
 from anomalib_lite.callbacks import HeatmapExport, render_heatmap
 from anomalib_lite.callbacks.heatmaps import _colormap_table, heatmap_name
 from anomalib_lite.data import Item, collate_items
-from anomalib_lite.models.components import AnomalyOutput
+from anomalib_lite.models.components import AnomalyModule, AnomalyOutput
 
 
 class _Fitted:
     """The part of an AnomalyModule the heatmap export uses: the fitted threshold and colour scale."""
 
     image_threshold = torch.tensor(0.5)
-    pixel_floor = torch.tensor(0.0)
-    pixel_threshold = torch.tensor(0.5)
+
+    @staticmethod
+    def colour_scale() -> tuple[float, float, float]:
+        return 0.0, 0.5, 1.0
 
     @staticmethod
     def normalize_anomaly_map(anomaly_map: torch.Tensor) -> torch.Tensor:
@@ -68,8 +70,8 @@ def test_heatmaps_written_in_the_background_are_the_synchronous_renders(tmp_path
     anomalous = bool(output.pred_score[1] > 0.5)
     expected = render_heatmap(
         batch.image[1], batch.mask[1], output.anomaly_map[1], "hole/001.png",
-        f"score {float(output.pred_score[1]):.3g}, threshold 0.5: {'ANOMALOUS' if anomalous else 'normal'}",
-        scale=(0.0, 0.5), anomalous=anomalous,
+        f"image score {float(output.pred_score[1]):.3g}, image threshold 0.5: {'ANOMALOUS' if anomalous else 'normal'}",
+        scale=(0.0, 0.5, 1.0), anomalous=anomalous,
     )
     assert np.array_equal(np.asarray(Image.open(tmp_path / "hole" / "001_png.png")), np.asarray(expected))
     assert set(callback.report()) == {"heatmaps", "heatmap_seconds"}
@@ -82,3 +84,30 @@ def test_heatmap_colour_table_is_matplotlibs_lookup(name: str) -> None:
     expected = (colormaps[name](heat)[..., :3] * 255).astype(np.float32)
     table = _colormap_table(name)
     assert np.array_equal(table[np.minimum((heat * 256).astype(np.int64), 255)], expected)
+
+
+class _Scored(AnomalyModule):
+    """The module base alone (its torch model is never called here)."""
+
+    model_class = torch.nn.Identity
+
+
+def test_the_colour_scale_tops_at_a_high_quantile_of_the_validation_maps() -> None:
+    """Bottom: the median normal pixel; 0.5: the pixel threshold; top: the 99.9th percentile of every
+    validation map (normal and synthetic), so defects above the threshold keep their shape."""
+    generator = torch.Generator().manual_seed(0)
+    normal = torch.rand(4, 16, 16, generator=generator)
+    synthetic = 10 * torch.rand(4, 16, 16, generator=generator)
+    module = _Scored()
+    module.fit_thresholds(normal.flatten(1).amax(1), normal)
+    module.fit_colour_scale(torch.cat([normal, synthetic]))
+    floor, threshold, top = module.colour_scale()
+    everything = torch.cat([normal, synthetic]).flatten().numpy()
+    assert threshold == pytest.approx(float(normal.max()))
+    assert top == pytest.approx(float(np.quantile(everything, 0.999, method="inverted_cdf")))
+    assert top > 2 * threshold - floor  # the symmetric scale would have saturated the synthetic defects
+    values = torch.tensor([floor, (floor + threshold) / 2, threshold, (threshold + top) / 2, top, 2 * top])
+    torch.testing.assert_close(module.normalize_anomaly_map(values), torch.tensor([0, 0.25, 0.5, 0.75, 1, 1]))
+    # A checkpoint from before the top was fitted keeps its symmetric scale.
+    module.pixel_ceiling.fill_(float("nan"))
+    assert module.colour_scale()[2] == pytest.approx(2 * threshold - floor)

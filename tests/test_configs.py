@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from conftest import CONF, REPO, config_options, run_cli
+from conftest import CONF, REPO, TINY_DATA, compose_config, config_options, run_cli
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
@@ -132,6 +132,15 @@ def test_every_smoke_setting_belongs_to_its_method(smoke: str, make_cfg) -> None
     assert cfg.method._target_.startswith(f"anomalib_lite.models.{smoke}.")
     check_config(cfg)
     assert cfg == make_cfg(f"method={smoke}", f"smoke={smoke}")
+
+
+def test_every_method_has_a_quick_try_on_the_suites_tiny_data() -> None:
+    """`smoke=<method>` exists for every method (the README's quick try; the end-to-end tests run it),
+    and its data is the suite's tiny data (conftest.TINY_DATA): the two cannot drift apart."""
+    assert config_options("smoke") == config_options("method")
+    preset = compose_config(["smoke=patchcore"]).dataset
+    suite = compose_config([*TINY_DATA, "method=patchcore"]).dataset
+    assert preset == suite
 
 
 @pytest.mark.parametrize("search", config_options("hparams_search"))

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_tiny_args
 from PIL import Image
 
 from anomalib_lite.callbacks.heatmaps import GRID_TAG, _Tile, select_grid
+from anomalib_lite.run_dir import STAGING
 from anomalib_lite.train import run
 
 
@@ -48,6 +53,7 @@ def test_tensorboard_event_files_hold_curves_metrics_and_the_grid(make_cfg, tmp_
     grid = Image.open(io.BytesIO(stored.encoded_image_string))
     assert grid.size == Image.open(out / "heatmaps" / "grid.png").size and grid.size[0] > 500
     assert {"image_auroc", "pixel_auroc", "pixel_aupro", "val_loss", "train_loss_epoch"} <= set(tags["scalars"])
+    assert "hp_metric" not in tags["scalars"]  # no placeholder
     assert len(reader.Scalars("train_loss_epoch")) == 2  # one point per epoch
     metrics = json.loads((out / "metrics.json").read_text())
     assert reader.Scalars("image_auroc")[-1].value == pytest.approx(metrics["image_auroc"], abs=1e-6)
@@ -94,3 +100,19 @@ def test_wandb_offline_files_hold_metrics_and_the_grid(make_cfg, tmp_path: Path,
     assert json.loads(logged[(GRID_TAG, "_type")]) == "images/separated"
     assert json.loads(logged[(GRID_TAG, "filenames")]) == [media[0].relative_to(run_dir / "files").as_posix()]
     assert float(logged[("image_auroc",)]) == pytest.approx(json.loads((out / "metrics.json").read_text())["image_auroc"], abs=1e-6)
+
+
+def test_wandb_run_prints_its_files_not_its_chatter(tmp_path: Path, cache_dir: Path) -> None:
+    """W&B's own lines stay out of the output (one of them named the staging folder, gone after the
+    run); the report names the offline run's folder as it is after the run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_SILENT")}
+    result = subprocess.run(
+        [sys.executable, "-m", "anomalib_lite", *cli_tiny_args(cache_dir), "method=padim", "logger=wandb",
+         f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert not [line for line in output.splitlines() if line.startswith("wandb:")], output
+    (reported,) = [line.split()[1] for line in result.stdout.splitlines() if line.strip().startswith("wandb:")]
+    assert Path(reported).is_dir() and Path(reported).parent == tmp_path / "run" / "logs" / "wandb"
+    assert STAGING not in reported

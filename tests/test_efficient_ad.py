@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from anomalib_lite.errors import UserInputError
-from anomalib_lite.models.components.teacher_artefact import artefact_path, folder_fingerprint, load_or_build
+from anomalib_lite.models.components.teacher_artefact import (
+    artefact_path,
+    folder_fingerprint,
+    load_or_build,
+    load_pretrained,
+)
 from anomalib_lite.models.efficient_ad import EfficientAdModel
 from anomalib_lite.models.efficient_ad.teacher import BackboneDescriptor
 from anomalib_lite.models.efficient_ad.torch_model import (
@@ -136,3 +141,35 @@ def test_image_folder_changes_change_the_artefact(tmp_path) -> None:
     after = folder_fingerprint(folder)
     assert after != before
     assert artefact_path(tmp_path, "t", {"images_fingerprint": before}) != artefact_path(tmp_path, "t", {"images_fingerprint": after})
+
+
+class _Payload:
+    def __init__(self, marker) -> None:  # noqa: ANN001
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_published_teacher_loads_from_a_file_or_a_url_by_its_own_names(tmp_path) -> None:  # noqa: ANN001
+    """`method.teacher.pretrained`: a state dict under our names, or another code base's names with the
+    same shapes in order (matched in order), from a file or a URL (downloaded once); never code."""
+    published = patch_description_network(384, "small")
+    torch.nn.init.normal_(published[0].weight)
+    theirs = {f"conv{i}.{kind}": tensor for i, (kind, tensor) in enumerate(
+        ((name.split(".")[-1], tensor) for name, tensor in published.state_dict().items()), start=1)}
+    torch.save(theirs, tmp_path / "teacher_small.pth")
+    torch.save({"state_dict": published.state_dict()}, tmp_path / "ours.pth")
+    for source in (str(tmp_path / "teacher_small.pth"), str(tmp_path / "ours.pth"), (tmp_path / "ours.pth").as_uri()):
+        teacher = patch_description_network(384, "small")
+        load_pretrained(teacher, source, tmp_path / "cache", "method.teacher.pretrained")
+        assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), published.state_dict().values()))
+    assert (tmp_path / "cache" / "downloads" / "ours.pth").is_file()
+    with pytest.raises(UserInputError, match="does not fit this teacher"):
+        load_pretrained(patch_description_network(384, "medium"), str(tmp_path / "teacher_small.pth"), tmp_path, "method.teacher.pretrained")
+    torch.save({"x": _Payload(tmp_path / "ran")}, tmp_path / "evil.pth")
+    with pytest.raises(UserInputError, match="refused, it needs code to be read"):
+        load_pretrained(patch_description_network(384, "small"), str(tmp_path / "evil.pth"), tmp_path, "method.teacher.pretrained")
+    assert not (tmp_path / "ran").exists()
+    with pytest.raises(UserInputError, match="no such file"):
+        load_pretrained(patch_description_network(384, "small"), str(tmp_path / "none.pth"), tmp_path, "method.teacher.pretrained")

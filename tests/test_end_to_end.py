@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, TINY_DATA, compose_config, config_options
+from conftest import TINY_OUTPUTS, compose_config, config_options
 from hydra.utils import get_class
-from omegaconf import OmegaConf
 
 from anomalib_lite import predict
 from anomalib_lite.checkpoint import load_model, read_checkpoint
@@ -33,10 +32,9 @@ REQUIRED_KEYS = {
 }
 METHODS = config_options("method")
 
-# The method's own settings for tiny data (`smoke/<method>.yaml`: more, smaller steps, narrower
-# networks where it learns slowly); a method without one runs its config as it is, trained ones for 3 epochs.
-SMOKE = set(config_options("smoke"))
-TRAINED_DEFAULT = ["trainer.max_epochs=3"]
+# Each method runs its quick-try preset (`smoke/<method>.yaml`: the tiny synthetic data of
+# `smoke/data/tiny.yaml`, and more, smaller steps or narrower networks where it learns slowly), as
+# `anomalib-lite smoke=<method>` does; test_configs.py checks that every method has one.
 # (image AUROC, pixel AUROC, AUPRO) a working method reaches on the obvious synthetic defects.
 # GANomaly, AnoGAN and OGNet score images; their maps (residuals) are for looking, not checked.
 # GANomaly's code distance on 10 images is a lottery of a pair or two of the 32: image AUROC
@@ -59,16 +57,10 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
     @cache
     def fit(method: str):
         out = tmp_path_factory.mktemp(method)
-        base = [f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", f"method={method}", "dataset.category=disc"]
-        if method in SMOKE:
-            # The method's own tiny-data settings win over the suite's (a command line beats a yaml).
-            own = OmegaConf.load(CONF / "smoke" / f"{method}.yaml")
-            tiny = [o for o in TINY_DATA if OmegaConf.select(own, o.partition("=")[0]) is None]
-            cfg = compose_config([*tiny, *base, f"smoke={method}"])
-        else:
-            cfg = compose_config([*TINY_DATA, *base])
-            if "epochs" in cfg.method:
-                cfg = compose_config([*TINY_DATA, *base, *TRAINED_DEFAULT])
+        cfg = compose_config([
+            f"smoke={method}", *TINY_OUTPUTS, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}",
+            "dataset.category=disc",
+        ])
         return cfg, run(cfg), out
 
     return fit

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 from anomalib_lite.callbacks import render_heatmap
 from anomalib_lite.callbacks.heatmaps import (
@@ -15,6 +15,7 @@ from anomalib_lite.callbacks.heatmaps import (
     MIN_PANEL_SIDE,
     _colormap_table,
     _wrap,
+    font,
 )
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components import GreedyCoresetSampler, nearest_neighbors
@@ -148,21 +149,34 @@ def test_heatmap_sheet_has_three_panels_a_readable_header_and_a_colour_bar() -> 
     panel_w, panel_h = 50 * factor, 40 * factor
     assert sheet.width == 3 * panel_w + COLOUR_BAR_WIDTH + LABEL_WIDTH + 8
     pixels = np.asarray(sheet)
-    bottom = sheet.height - panel_h  # panels sit at the bottom, under the header and the captions
-    assert (pixels[bottom + 15 * factor, panel_w + 15 * factor] == 255).all()  # ground truth shows the mask
-    assert (pixels[bottom + 2, panel_w + 2] == 0).all()
-    # The colour bar runs from the colormap's top colour (value 1) to its bottom one (0).
+    # The colour bar runs from the colormap's top colour (value 1) to its bottom one (0), beside the panels.
     bar_x = 3 * panel_w + 4
     table = _colormap_table("jet")
-    assert np.abs(pixels[bottom, bar_x].astype(float) - table[255]).max() <= 1
-    assert np.abs(pixels[sheet.height - 1, bar_x].astype(float) - table[0]).max() <= 1
+    top = next(y for y in range(sheet.height) if np.abs(pixels[y, bar_x].astype(float) - table[255]).max() <= 1)
+    assert np.abs(pixels[top + panel_h - 1, bar_x].astype(float) - table[0]).max() <= 1
+    assert (pixels[top + 15 * factor, panel_w + 15 * factor] == 255).all()  # ground truth shows the mask
+    assert (pixels[top + 2, panel_w + 2] == 0).all()
+    assert sheet.height > top + panel_h  # the footer under the panels says what the bar's numbers are
     # The header wraps instead of running off the sheet: every line fits its width, nothing is lost.
     draw = ImageDraw.Draw(sheet)
     lines = _wrap(draw, long_title, sheet.width - 4)
-    assert len(lines) > 1 and all(draw.textlength(line) <= sheet.width - 4 for line in lines)
+    assert len(lines) > 1 and all(draw.textlength(line, font=font()) <= sheet.width - 4 for line in lines)
     assert "".join(lines).replace(" ", "") == long_title.replace(" ", "")
     no_mask = np.asarray(render_heatmap(image, None, heat, "good/000.png", "score 0.1"))
-    assert (no_mask[no_mask.shape[0] - panel_h + 5, panel_w + 5] == 128).all()
+    assert (no_mask[top + 5, panel_w + 5] == 128).all()
+
+
+def test_heatmap_text_renders_non_ascii_letters_not_boxes() -> None:
+    """Names in other scripts draw as their letters: each differs from the missing-glyph box."""
+
+    def drawn(text: str) -> np.ndarray:
+        canvas = Image.new("L", (40, 16), 0)
+        ImageDraw.Draw(canvas).text((2, 1), text, fill=255, font=font())
+        return np.asarray(canvas)
+
+    box = drawn("\u0378")  # an unassigned code point: every font draws its missing-glyph box
+    for letter in ("é", "ß", "Ж", "λ", "ł"):
+        assert not np.array_equal(drawn(letter), box), letter
 
 
 @pytest.mark.parametrize("k", [1, 3])

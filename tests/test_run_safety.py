@@ -24,7 +24,8 @@ from conftest import REPO, TINY_COMMON, cli_tiny_args, error_lines, run_cli, run
 from PIL import Image
 
 from anomalib_lite import collect, predict
-from anomalib_lite.data import generate_category
+from anomalib_lite.data import SyntheticDataModule, generate_category
+from anomalib_lite.errors import UserInputError
 from anomalib_lite.run_dir import LOCK, STAGING
 
 
@@ -164,6 +165,25 @@ def test_a_parallel_sweep_over_data_settings_from_an_empty_cache_finishes_every_
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(sweep.glob("*/metrics.json"))) == 2
     assert "2 of 2 jobs finished" in result.stderr
+    # Lightning's device lines, tips and "fit stopped" stay out of a sweep's output, as out of a single run's.
+    assert "GPU available" not in result.stderr + result.stdout and "stopped" not in result.stderr + result.stdout
+
+
+def test_other_generation_settings_never_rewrite_a_cached_category(tmp_path: Path) -> None:
+    """A run with other generation settings reads its own folder: the first run's files stay as they were."""
+    settings = {"root": tmp_path, "category": "stripes", "num_train": 6, "num_test_good": 2, "num_test_per_defect": 1,
+                "image_size": 64, "num_workers": 0, "val_ratio": 0.2}
+    first = SyntheticDataModule(generated_size=64, **settings)
+    first.setup()
+    files = [s.image_path for s in first.train_samples + first.val_samples + first.test_samples]
+    before = digest(files)
+    second = SyntheticDataModule(generated_size=96, **settings)
+    second.setup()
+    assert digest(files) == before
+    assert Image.open(second.test_samples[0].image_path).size == (96, 96)
+    with pytest.raises(UserInputError, match="generated with other settings"):  # never deleted, even when asked directly
+        generate_category(first.root, "stripes", image_size=32, num_train=6, num_test_good=2, num_test_per_defect=1)
+    assert digest(files) == before
 
 
 # -- the lock ---------------------------------------------------------------------------------------------------------
@@ -236,7 +256,9 @@ def test_a_sweep_runs_past_a_failed_job_and_collect_names_failed_and_missing_job
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert sorted(json.loads(p.read_text())["category"] for p in sweep.glob("*/metrics.json")) == ["disc", "stripes"]
-    assert "job 1 (1_padim_efficientnet_lite0_nosuch) failed: unknown synthetic category 'nosuch'" in result.stderr
+    # The folder names the backbone as metrics.json does (the model's name, not the config option's).
+    assert all(json.loads(p.read_text())["backbone"] in p.parent.name for p in sweep.glob("*/metrics.json"))
+    assert "job 1 (1_padim_tf_efficientnet_lite0_nosuch) failed: unknown synthetic category 'nosuch'" in result.stderr
     assert "anomalib-lite: 2 of 3 jobs finished" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
@@ -247,7 +269,7 @@ def test_a_sweep_runs_past_a_failed_job_and_collect_names_failed_and_missing_job
     assert collect.main([str(sweep)]) == 1
     out = capsys.readouterr().out
     assert "1 runs ->" in out and "1 failed and 1 never ran:" in out
-    assert "failed: " in out and "1_padim_efficientnet_lite0_nosuch (unknown synthetic category 'nosuch'" in out
+    assert "failed: " in out and "1_padim_tf_efficientnet_lite0_nosuch (unknown synthetic category 'nosuch'" in out
     assert "never ran: method=padim dataset.category=disc" in out
 
 

@@ -19,25 +19,36 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from matplotlib import colormaps
-from PIL import Image, ImageDraw
+from matplotlib import colormaps, font_manager
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from anomalib_lite.callbacks.reporting import ReportingCallback
 from anomalib_lite.data.batch import Batch
 from anomalib_lite.models.components import AnomalyModule, AnomalyOutput
 
-LINE_HEIGHT = 13  # pixels per text line (Pillow's default font)
+LINE_HEIGHT = 13  # pixels per text line
+FONT_SIZE = 11
 MIN_PANEL_SIDE = 128  # smaller images are enlarged (nearest) so the sheet stays readable
 COLOUR_BAR_WIDTH = 12
 LABEL_WIDTH = 64
+
+
+@functools.cache
+def font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans (matplotlib ships it): file names in any Latin, Greek or Cyrillic script render
+    as letters, not boxes; Pillow's own font where matplotlib's cannot be found."""
+    try:
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), FONT_SIZE)
+    except (OSError, ValueError):
+        return ImageFont.load_default()
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
     """`text` broken into lines no wider than `width` pixels (long words are cut, not dropped)."""
     lines, line = [], ""
     for char in text:
-        if draw.textlength(line + char) > width and line:
+        if draw.textlength(line + char, font=font()) > width and line:
             cut = line.rfind(" ") if " " in line.strip() else -1
             lines.append(line[:cut] if cut > 0 else line)
             line = (line[cut + 1:] if cut > 0 else "") + char
@@ -65,16 +76,17 @@ def render_heatmap(
     score_text: str,
     colormap: str = "jet",
     alpha: float = 0.5,
-    scale: tuple[float, float] | None = None,
+    scale: tuple[float, float, float] | None = None,
     anomalous: bool | None = None,
 ) -> Image.Image:
     """image 3 x H x W in [0, 1]; normalized_map H x W in [0, 1] with 0.5 = pixel threshold.
 
     A header (the image's name and `score_text`, wrapped to the sheet's width, red when
-    `anomalous`), then three panels - input | ground truth | overlay - and a colour bar. The
-    overlay outlines in white the pixels above the threshold; the ground-truth panel shows the
-    mask (grey, "no mask", when there is none). `scale` = (map value at 0, pixel threshold) labels
-    the colour bar in the method's own units. Images under 128 pixels a side are enlarged.
+    `anomalous`), then three panels - input | ground truth | overlay - and a colour bar, and a
+    footer saying what the bar's numbers are. The overlay outlines in white the pixels above the
+    pixel threshold; the ground-truth panel shows the mask (grey, "no mask", when there is none).
+    `scale` = (bottom, pixel threshold, top) of the colour bar in the method's own units
+    (`AnomalyModule.colour_scale`). Images under 128 pixels a side are enlarged.
     """
     rgb = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     heat = normalized_map.cpu().numpy()
@@ -91,29 +103,36 @@ def render_heatmap(
     panel_w, panel_h = panels[0].size
     sheet_w = 3 * panel_w + COLOUR_BAR_WIDTH + LABEL_WIDTH + 8
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    low, threshold, high = scale if scale is not None else (0.0, 0.5, 1.0)
+    footer_text = (
+        f"colour bar: pixel scores; {threshold:.3g} = pixel threshold (the highest held-out normal pixel), "
+        f"top {high:.3g} = 99.9th percentile of the validation maps"
+    )
     header = _wrap(measure, title, sheet_w - 4) + _wrap(measure, score_text, sheet_w - 4)
+    footer = _wrap(measure, footer_text, sheet_w - 4)
     top = len(header) * LINE_HEIGHT + 2
-    sheet = Image.new("RGB", (sheet_w, top + LINE_HEIGHT + panel_h), (255, 255, 255))
+    sheet = Image.new("RGB", (sheet_w, top + LINE_HEIGHT + panel_h + len(footer) * LINE_HEIGHT + 2), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     title_lines = len(_wrap(measure, title, sheet_w - 4))
     for i, line in enumerate(header):
         colour = (200, 0, 0) if anomalous and i >= title_lines else (0, 0, 0)
-        draw.text((2, 1 + i * LINE_HEIGHT), line, fill=colour)
+        draw.text((2, 1 + i * LINE_HEIGHT), line, fill=colour, font=font())
     captions = ("input", "ground truth" if mask is not None else "no mask", "anomaly map")
     for i, (panel, caption) in enumerate(zip(panels, captions)):
-        draw.text((i * panel_w + 2, top), caption, fill=(80, 80, 80))
+        draw.text((i * panel_w + 2, top), caption, fill=(80, 80, 80), font=font())
         sheet.paste(panel, (i * panel_w, top + LINE_HEIGHT))
-    # Colour bar: 1 at the top, the threshold (0.5) in the middle, 0 at the bottom.
+    for i, line in enumerate(footer):
+        draw.text((2, top + LINE_HEIGHT + panel_h + 1 + i * LINE_HEIGHT), line, fill=(80, 80, 80), font=font())
+    # Colour bar: the top at 1, the pixel threshold at 0.5, the bottom (median normal pixel) at 0.
     bar_x, bar_top = 3 * panel_w + 4, top + LINE_HEIGHT
     ramp = np.linspace(1, 0, panel_h, dtype=np.float32)[:, None].repeat(COLOUR_BAR_WIDTH, axis=1)
     sheet.paste(Image.fromarray(_colour(ramp, colormap).round().astype(np.uint8)), (bar_x, bar_top))
-    low, threshold = scale if scale is not None else (0.0, 0.5)
-    labels = ((0, low + 2 * (threshold - low)), (panel_h // 2, threshold), (panel_h - 1, low))
-    for y, value in labels:
-        text = f"{value:.3g}" + (" thr" if y == panel_h // 2 else "")
+    draw.text((bar_x, top), "pixel", fill=(80, 80, 80), font=font())
+    labels = ((0, f"{high:.3g}"), (panel_h // 2, f"{threshold:.3g} thr"), (panel_h - 1, f"{low:.3g}"))
+    for y, text in labels:
         draw.line((bar_x + COLOUR_BAR_WIDTH, bar_top + y, bar_x + COLOUR_BAR_WIDTH + 3, bar_top + y), fill=(0, 0, 0))
         text_y = min(max(bar_top + y - LINE_HEIGHT // 2, bar_top), bar_top + panel_h - LINE_HEIGHT)
-        draw.text((bar_x + COLOUR_BAR_WIDTH + 5, text_y), text, fill=(0, 0, 0))
+        draw.text((bar_x + COLOUR_BAR_WIDTH + 5, text_y), text, fill=(0, 0, 0), font=font())
     return sheet
 
 
@@ -244,7 +263,7 @@ class HeatmapExport(ReportingCallback):
         normalized = pl_module.normalize_anomaly_map(outputs.anomaly_map.detach()).cpu()
         scores = outputs.pred_score.detach().float().cpu()
         threshold = float(pl_module.image_threshold)
-        scale = (float(pl_module.pixel_floor), float(pl_module.pixel_threshold))
+        scale = pl_module.colour_scale()
         for i, defect_type in enumerate(batch.defect_type):
             self._offer_to_grid(batch, i, float(scores[i]), normalized[i])
             if cap is not None and self._written.get(defect_type, 0) >= cap:
@@ -255,7 +274,7 @@ class HeatmapExport(ReportingCallback):
             job = (
                 batch.image[i].cpu(), batch.mask[i].cpu() if bool(batch.has_mask[i]) else None, normalized[i],
                 f"{defect_type}/{name}",
-                f"score {float(scores[i]):.3g}, threshold {threshold:.3g}: {'ANOMALOUS' if anomalous else 'normal'}",
+                f"image score {float(scores[i]):.3g}, image threshold {threshold:.3g}: {'ANOMALOUS' if anomalous else 'normal'}",
                 scale, anomalous, self.output_dir / defect_type / heatmap_name(name),
             )
             while len(self._pending) >= self.max_pending:
@@ -290,10 +309,10 @@ class HeatmapExport(ReportingCallback):
         if not trainer.is_global_zero or not (normal or anomalous):
             return
         threshold = float(pl_module.image_threshold)
-        scale = (float(pl_module.pixel_floor), float(pl_module.pixel_threshold))
+        scale = pl_module.colour_scale()
         sheets = [
             render_heatmap(
-                tile.image, tile.mask, tile.normalized, tile.name, f"{verdict}: score {tile.score:.3g}, threshold {threshold:.3g}",
+                tile.image, tile.mask, tile.normalized, tile.name, f"{verdict}: image score {tile.score:.3g}, image threshold {threshold:.3g}",
                 colormap=self.colormap, scale=scale, anomalous=tile.score > threshold,
             )
             for tile, verdict in select_grid(normal, anomalous, threshold, self.grid_size)

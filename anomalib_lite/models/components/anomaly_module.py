@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 # The label-free selection metrics, computed on the synthetic validation view after each validation.
 VALIDATION_METRICS = ("val_synthetic_image_auroc", "val_synthetic_pixel_auroc", "val_synthetic_aupro")
+COLOUR_SCALE_QUANTILE = 0.999  # of the validation maps: the top of the heatmaps' colour scale
 
 
 def gather_rows(module: L.LightningModule, rows: list[Embeddings], index: torch.Tensor) -> Embeddings:
@@ -86,6 +88,7 @@ class AnomalyModule(L.LightningModule):
         self.register_buffer("image_threshold", torch.tensor(nan))
         self.register_buffer("pixel_threshold", torch.tensor(nan))
         self.register_buffer("pixel_floor", torch.tensor(nan))
+        self.register_buffer("pixel_ceiling", torch.tensor(nan))
         self.validation_results: dict[str, float | None] = {}
         self._val_rows: dict[str, list[torch.Tensor]] = {}
         # The run's resize and crop: set by the run, stored in the checkpoint, applied by forward().
@@ -157,6 +160,8 @@ class AnomalyModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the colour scale had a top: the old scale (see `colour_scale`).
+        checkpoint.get("state_dict", {}).setdefault("pixel_ceiling", torch.tensor(float("nan")))
         settings = checkpoint.get("anomalib_lite", {}).get("preprocessing")
         self.image_resize = ImageResize(**settings) if settings else None
 
@@ -181,6 +186,7 @@ class AnomalyModule(L.LightningModule):
         self._val_rows = {}
         normal = gathered["label"] == 0
         self.fit_thresholds(gathered["score"][normal], gathered["map"][normal])
+        self.fit_colour_scale(gathered["map"])
         if bool((~normal).any()):
             results = metrics.compute_metrics(
                 gathered["score"], gathered["label"], gathered["map"], gathered["mask"], with_f1=False
@@ -194,18 +200,39 @@ class AnomalyModule(L.LightningModule):
     def fit_thresholds(self, normal_scores: torch.Tensor, normal_maps: torch.Tensor) -> None:
         """Thresholds = the largest score seen on held-out normal data (no false positive there).
 
-        The colour scale maps the median normal pixel to 0 and the pixel threshold to 0.5.
+        The colour scale's bottom is the median normal pixel; its middle, the pixel threshold.
         """
         self.image_threshold.fill_(float(normal_scores.max()))
         self.pixel_threshold.fill_(float(normal_maps.max()))
         self.pixel_floor.fill_(float(normal_maps.flatten().median()))
 
-    def normalize_anomaly_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
-        """Map scores onto [0, 1] with the validation-fitted scale (same for every test image)."""
+    @torch.no_grad()
+    def fit_colour_scale(self, validation_maps: torch.Tensor) -> None:
+        """The top of the heatmaps' colour scale: the 99.9th percentile of every validation map, the
+        held-out normal images and their synthetic anomalies (no test label), so that defects scoring
+        like the synthetic ones show their shape instead of saturating; at least as high as the
+        symmetric scale (threshold + (threshold - floor)) it replaces."""
+        values = validation_maps.flatten().float()
+        top = float(values.kthvalue(max(1, math.ceil(COLOUR_SCALE_QUANTILE * values.numel()))).values)
+        self.pixel_ceiling.fill_(max(top, float(2 * self.pixel_threshold - self.pixel_floor)))
+
+    def colour_scale(self) -> tuple[float, float, float]:
+        """(bottom, middle = pixel threshold, top) of the heatmaps' colour scale, in the map's units."""
         if torch.isnan(self.pixel_threshold):
             raise RuntimeError("normalisation is not fitted: run validation before test")
-        span = (self.pixel_threshold - self.pixel_floor).clamp_min(1e-12)
-        return ((anomaly_map - self.pixel_floor) / span * 0.5).clamp(0, 1)
+        floor, threshold = float(self.pixel_floor), float(self.pixel_threshold)
+        top = float(self.pixel_ceiling)
+        if math.isnan(top) or top <= threshold:  # checkpoints from before the top was fitted
+            top = 2 * threshold - floor
+        return floor, threshold, top
+
+    def normalize_anomaly_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Map scores onto [0, 1] with the validation-fitted scale (same for every test image):
+        piecewise linear, the floor to 0, the pixel threshold to 0.5, the top to 1."""
+        floor, threshold, top = self.colour_scale()
+        below = (anomaly_map - floor) / max(threshold - floor, 1e-12) * 0.5
+        above = 0.5 + (anomaly_map - threshold) / max(top - threshold, 1e-12) * 0.5
+        return torch.where(anomaly_map <= threshold, below, above).clamp(0, 1)
 
     # -- test and predict: one AnomalyOutput per batch, consumed by the callbacks ----------------
     def test_step(self, batch: Batch, batch_idx: int) -> AnomalyOutput:

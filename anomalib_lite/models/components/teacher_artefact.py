@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from anomalib_lite.data.samples import is_image_file
+from anomalib_lite.errors import UserInputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,63 @@ def artefact_path(cache_dir: str | Path, name: str, inputs: Mapping[str, Any]) -
     return Path(cache_dir).expanduser() / f"{name}-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.pt"
 
 
+def load_pretrained(network: nn.Module, source: str, cache_dir: str | Path, setting: str) -> None:
+    """Published weights for `network` (a teacher) instead of distilling it: a state dict in a file,
+    or at a URL (downloaded once into `<cache_dir>/downloads`), read as data only.
+
+    The keys may be ours or another code base's (the authors', anomalib's): where they differ, the
+    tensors are matched in order, and every shape must agree. Anything else is one line naming `setting`.
+    """
+    if re.match(r"^[a-z][a-z0-9+.-]*://", source):
+        try:
+            state = torch.hub.load_state_dict_from_url(
+                source, model_dir=str(Path(cache_dir).expanduser() / "downloads"), map_location="cpu", weights_only=True,
+                progress=False,
+            )
+        except pickle.UnpicklingError:
+            raise UserInputError(f"{setting}={source}: refused, it needs code to be read (a state dict holds data only)") from None
+        except Exception as error:  # noqa: BLE001 - no network, a 404, a broken file: the user's to fix
+            raise UserInputError(f"{setting}={source}: cannot download it: {one_line(str(error))}") from None
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UserInputError(f"{setting}={source}: no such file (a state dict file or a URL)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserInputError(f"{setting}={source}: refused, it needs code to be read (a state dict holds data only)") from None
+        except Exception as error:  # noqa: BLE001
+            raise UserInputError(f"{setting}={source}: cannot read it: {one_line(str(error))}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    own = network.state_dict()
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)} if isinstance(state, dict) else {}
+    if set(tensors) != set(own):  # another code base's names: match in order
+        mismatch = len(tensors) != len(own) or any(
+            a.shape != b.shape for a, b in zip(tensors.values(), own.values())
+        )
+        if mismatch:
+            shapes = [tuple(v.shape) for v in tensors.values()]
+            raise UserInputError(
+                f"{setting}={source}: does not fit this teacher ({len(tensors)} tensors, first shapes {shapes[:2]}; "
+                f"the network has {len(own)}, first shapes {[tuple(v.shape) for v in own.values()][:2]})"
+            )
+        tensors = dict(zip(own, tensors.values()))
+    try:
+        network.load_state_dict(tensors)
+    except RuntimeError as error:
+        raise UserInputError(f"{setting}={source}: does not fit this teacher: {one_line(str(error))}") from None
+    log.info("%s: the teacher's weights are %s's (not distilled)", setting, source)
+
+
+def time_to_go(done: int, total: int, elapsed: float) -> str:
+    """ "about 2.5 h to go" at the pace so far (for the progress lines of long one-off builds)."""
+    if done <= 0 or done >= total:
+        return "done" if done >= total else "starting"
+    left = elapsed / done * (total - done)
+    return f"about {left / 3600:.1f} h to go" if left > 5400 else f"about {left / 60:.0f} min to go" if left > 90 else f"about {left:.0f} s to go"
+
+
 def load_or_build(
     network: nn.Module,
     cache_dir: str | Path,
@@ -54,6 +114,7 @@ def load_or_build(
     inputs: Mapping[str, Any],
     build: Callable[[nn.Module], Mapping[str, Any]],
     device: torch.device | str | None = None,
+    cheaper: str = "",
 ) -> Path:
     """Load `network`'s weights from the cached artefact for `inputs`, or train them with
     `build(network)` (which returns a report: steps, images, ...) and cache them.
@@ -65,6 +126,9 @@ def load_or_build(
 
     The file is written atomically (a temporary name, then a rename), so an interrupted build
     leaves nothing that a later run would take for finished.
+
+    `cheaper`: what a user who does not want to wait can do instead (said when a build starts; the
+    build's progress lines say how long it has to go).
     """
     path = artefact_path(cache_dir, name, inputs)
     if path.is_file():
@@ -74,7 +138,10 @@ def load_or_build(
         log.info("%s: reusing %s (built in %.0f s: %s)", name, path, report.get("seconds", float("nan")),
                  ", ".join(f"{k} {v}" for k, v in report.items() if k != "seconds"))
         return path
-    log.info("%s: no cached artefact for these inputs; building %s", name, path)
+    log.warning(
+        "%s: a one-off build for these settings (cached for every later run: %s)%s", name, path,
+        f"; it can take long on a CPU: {cheaper}" if cheaper else "",
+    )
     home = next(network.parameters()).device
     network.to(device or home)
     start = time.perf_counter()

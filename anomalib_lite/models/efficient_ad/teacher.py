@@ -32,7 +32,12 @@ from torch import nn
 
 from anomalib_lite.data.anomaly_sources import AnomalySource, anomaly_source
 from anomalib_lite.models.components import FeatureExtractor
-from anomalib_lite.models.components.teacher_artefact import folder_fingerprint, load_or_build
+from anomalib_lite.models.components.teacher_artefact import (
+    folder_fingerprint,
+    load_or_build,
+    load_pretrained,
+    time_to_go,
+)
 from anomalib_lite.models.efficient_ad.torch_model import patch_description_network
 
 log = logging.getLogger(__name__)
@@ -121,8 +126,9 @@ def distill(
         losses.append(loss.item())
         if time.perf_counter() - last_log > 30 or step == steps:
             last_log = time.perf_counter()
-            log.info("teacher distillation: step %d/%d, loss %.4f (mean of the last 50), %.0f s",
-                     step, steps, sum(losses[-50:]) / len(losses[-50:]), last_log - start)
+            log.info("teacher distillation: step %d/%d, loss %.4f (mean of the last 50), %.0f s, %s",
+                     step, steps, sum(losses[-50:]) / len(losses[-50:]), last_log - start,
+                     time_to_go(step, steps, last_log - start))
     pdn.eval()
     return {"steps": steps, "batch_size": batch_size, "image_size": image_size, "images": source.describe(),
             "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 5)}
@@ -142,10 +148,14 @@ def load_or_distill_teacher(
     seed: int = 0,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | str | None = None,
+    pretrained: str | None = None,
 ) -> None:
     """Fill `teacher` (an unpadded PDN) with the cached distilled weights, distilling them first (on
     `device`) if no artefact exists for these inputs. The weights are shared with a padded PDN for
-    training."""
+    training. `pretrained`: a published teacher's state dict (file or URL) instead of distilling."""
+    if pretrained:
+        load_pretrained(teacher, pretrained, cache_dir, "method.teacher.pretrained")
+        return
     inputs = {
         "model_size": model_size, "out_channels": out_channels, "levels": list(levels), "image_size": image_size,
         "steps": steps, "batch_size": batch_size, "seed": seed,
@@ -160,4 +170,9 @@ def load_or_distill_teacher(
         network.load_state_dict(padded.state_dict())
         return report
 
-    load_or_build(teacher, cache_dir, f"efficient_ad_teacher_{model_size}", inputs, build, device)
+    cheaper = (
+        f"the authors' recipe is {steps} steps of {batch_size} (hours on a CPU, minutes on a GPU); a quick try distils "
+        "20 steps (smoke=efficient_ad), fewer steps: method.teacher.steps=N, a published teacher: "
+        "method.teacher.pretrained=<file or URL>"
+    )
+    load_or_build(teacher, cache_dir, f"efficient_ad_teacher_{model_size}", inputs, build, device, cheaper)

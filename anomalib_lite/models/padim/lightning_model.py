@@ -22,7 +22,8 @@ class Padim(MemoryBankModule):
         num_images, dim = embeddings.shape[:2]
         if num_images < 2 * dim:
             log.warning(
-                "PaDiM: %d fitted images for %d-dimensional Gaussians: fewer than 2 x d, so the covariances "
-                "are close to singular (fit more images or lower method.num_features)", num_images, dim,
+                "PaDiM: %d fitted images for %d-dimensional Gaussians: fewer than 2 x d, so the covariances are close "
+                "to singular and the scores lean on method.covariance_eps; fit %d images or more, or set "
+                "method.num_features=%d", num_images, dim, 2 * dim, max(1, num_images // 2),
             )
         super().fit_model(embeddings)

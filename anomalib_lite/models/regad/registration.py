@@ -32,7 +32,7 @@ from anomalib_lite.data.image_io import read_image
 from anomalib_lite.data.samples import ImageResize, list_images
 from anomalib_lite.data.synthetic import CATEGORIES, generate_category
 from anomalib_lite.errors import UserInputError
-from anomalib_lite.models.components.teacher_artefact import folder_fingerprint, load_or_build
+from anomalib_lite.models.components.teacher_artefact import folder_fingerprint, load_or_build, time_to_go
 from anomalib_lite.models.regad.torch_model import Registration
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,10 @@ def train_registration(
             total += float(loss.detach())
             steps += 1
             if number % 10 == 0 or number == len(batches):
-                log.info("RegAD registration: epoch %d/%d, batch %d/%d, loss %.4f, %.0f s", epoch, epochs, number,
-                         len(batches), total / number, time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                log.info("RegAD registration: epoch %d/%d, batch %d/%d, loss %.4f, %.0f s, %s", epoch, epochs, number,
+                         len(batches), total / number, elapsed,
+                         time_to_go((epoch - 1) * len(batches) + number, epochs * len(batches), elapsed))
         epoch_loss = total / max(1, len(batches))
     registration.requires_grad_(False).eval()
     return {"epochs": epochs, "steps": steps, "images": sum(sizes), "loss": round(epoch_loss, 4)}
@@ -156,4 +158,5 @@ def load_or_train_registration(
         images = [load_category(folder, resize) for folder in folders]
         return train_registration(network, images, shots, epochs, batch_size, lr, momentum, seed)
 
-    return load_or_build(registration, cache_dir, "regad_registration", inputs, build, device=device)
+    cheaper = f"the authors train it {epochs} epochs; a quick try trains 1 (smoke=regad), or method.epochs=N"
+    return load_or_build(registration, cache_dir, "regad_registration", inputs, build, device=device, cheaper=cheaper)

@@ -45,7 +45,12 @@ from torch import nn
 
 from anomalib_lite.data.anomaly_sources import AnomalySource, anomaly_source
 from anomalib_lite.models.components import ImageEncoder
-from anomalib_lite.models.components.teacher_artefact import folder_fingerprint, load_or_build
+from anomalib_lite.models.components.teacher_artefact import (
+    folder_fingerprint,
+    load_or_build,
+    load_pretrained,
+    time_to_go,
+)
 from anomalib_lite.models.uninformed_students.patch_network import PatchDescriptor
 
 log = logging.getLogger(__name__)
@@ -151,8 +156,9 @@ def distill(
         if time.perf_counter() - last_log > 30 or step == steps:
             last_log = time.perf_counter()
             recent = torch.tensor(history[-50:]).mean(dim=0).tolist()
-            log.info("p=%d teacher: step %d/%d, %s, %.0f s", size, step, steps,
-                     ", ".join(f"{name} {value:.4f}" for name, value in zip(terms, recent)), last_log - start)
+            log.info("p=%d teacher: step %d/%d, %s, %.0f s, %s", size, step, steps,
+                     ", ".join(f"{name} {value:.4f}" for name, value in zip(terms, recent)), last_log - start,
+                     time_to_go(step, steps, last_log - start))
     teacher.eval().requires_grad_(False)
     final = torch.tensor(history[-50:]).mean(dim=0).tolist()
     return {"steps": steps, "batch_size": batch_size, "images": source.describe(),
@@ -174,10 +180,16 @@ def load_or_distill_teachers(
     seed: int = 0,
     compactness: str = "squared",
     device: torch.device | str | None = None,
+    pretrained: Mapping[int, str] | None = None,
 ) -> None:
-    """Fill every teacher from its cached artefact, distilling the missing ones first (on `device`)."""
+    """Fill every teacher from its cached artefact, distilling the missing ones first (on `device`).
+    `pretrained`: patch size -> a published teacher's state dict (file or URL), used instead."""
     encoder: ImageEncoder | None = None
     for teacher in teachers:
+        source = {int(k): v for k, v in (pretrained or {}).items()}.get(teacher.patch_size)
+        if source:
+            load_pretrained(teacher, source, cache_dir, f"method.teacher.pretrained.{teacher.patch_size}")
+            continue
         inputs = {
             "recipe": DISTILLATION_RECIPE, "patch_size": teacher.patch_size, "descriptor_dim": teacher.descriptor_dim, "steps": steps,
             "batch_size": batch_size, "image_size": image_size, "backbone_input": backbone_input,
@@ -192,4 +204,9 @@ def load_or_distill_teachers(
             return distill(network, encoder, anomaly_source(images), normalize, steps, batch_size, image_size,
                            backbone_input, weights, margin, seed=seed, compactness=compactness)
 
-        load_or_build(teacher, cache_dir, f"uninformed_students_teacher_p{teacher.patch_size}", inputs, build, device)
+        cheaper = (
+            f"the paper's teacher is {steps} steps per patch size (hours on a CPU); a quick try distils 10 steps at one "
+            "patch size (smoke=uninformed_students), fewer steps: method.teacher.steps=N, published teachers: "
+            "method.teacher.pretrained={17: <file or URL>, ...}"
+        )
+        load_or_build(teacher, cache_dir, f"uninformed_students_teacher_p{teacher.patch_size}", inputs, build, device, cheaper)
