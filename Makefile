@@ -61,7 +61,9 @@ check-wheel: $(STAMP)
 	  $(CURDIR)/.wheel-venv/bin/python -c "import anomalib_lite; assert '.wheel-venv' in anomalib_lite.__file__, anomalib_lite.__file__" && \
 	  $(CURDIR)/.wheel-venv/bin/anomalib-lite --cfg job > config.txt && grep -q "_target_: anomalib_lite.models.patchcore.Patchcore" config.txt && \
 	  $(CURDIR)/.wheel-venv/bin/anomalib-lite dataset.image_size=64 ~callbacks.progress hydra.run.dir=run && \
-	  test -s run/metrics.json && echo "check-wheel: the installed wheel ran from $$PWD"
+	  test -s run/metrics.json && \
+	  $(CURDIR)/.wheel-venv/bin/anomalib-lite-collect . > table.txt && grep -q "| patchcore |" table.txt && \
+	  echo "check-wheel: the installed wheel ran from $$PWD"
 
 # Real-data benchmarks (../shared/datasets): PatchCore and PaDiM x MVTec bottle and MTD,
 # offline EfficientNet-Lite0, 256 -> 224; then the table. About 30 minutes on 2 CPU cores.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -21,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from anomalib_lite.config import CONFIG_DIR, backbone_override_error, check_config
-from anomalib_lite.errors import Interrupted, UserInputError, find_user_error, one_line
+from anomalib_lite.errors import Interrupted, UserInputError, find_user_error, one_line, stop_on_signals
 from anomalib_lite.run_dir import RunDirLock, check_run_dir, remove_stale_staging
 from anomalib_lite.sweeps import sweep_status
 
@@ -108,32 +107,17 @@ class SweepReport(Callback):
         SweepReport.failed = bool(status.failed or status.missing)
 
 
-MAIN_PROCESS = os.getpid()
-
-
-def _raise_interrupted(signal_number: int, frame: object) -> None:
-    """The command's process stops with `Interrupted`; a forked child (a data loader worker) as it would have."""
-    if os.getpid() != MAIN_PROCESS:
-        signal.signal(signal_number, signal.SIG_DFL)
-        os.kill(os.getpid(), signal_number)
-        return
-    raise Interrupted(signal_number, signal.Signals(signal_number).name)
-
-
 def main() -> None:
     """The console entry point."""
     _quiet_third_party()
-    global MAIN_PROCESS
-    MAIN_PROCESS = os.getpid()
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, _raise_interrupted)
+    SweepReport.failed = False
     try:
-        message = backbone_override_error(sys.argv[1:]) or precheck(sys.argv[1:])
-        if message is not None:
-            _fail(message)
-        hydra_main()
+        with stop_on_signals():
+            message = backbone_override_error(sys.argv[1:]) or precheck(sys.argv[1:])
+            if message is not None:
+                _fail(message)
+            hydra_main()
     except Interrupted as interrupted:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C does not cut the last line short
         _fail(f"{interrupted}: the run stopped; an earlier finished run in its folder is as it was", interrupted.exit_code)
     finally:
         RunDirLock.release_all()  # the process may go on (the Python API, tests): the folders are free again

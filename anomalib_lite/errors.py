@@ -1,6 +1,11 @@
-"""The one error type for bad user input: the CLI prints its message as one line and exits 2."""
+"""What stops a command: bad user input (`UserInputError`: the command prints its message as one
+line and exits 2) and a signal (`Interrupted`: one line, exit 130 for SIGINT, 143 for SIGTERM)."""
 
+import contextlib
+import os
 import re
+import signal
+from collections.abc import Iterator
 
 
 class UserInputError(Exception):
@@ -39,3 +44,27 @@ class Interrupted(BaseException):
         super().__init__(f"interrupted by {signal_name}")
         self.signal_name = signal_name
         self.exit_code = 128 + signal_number  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM raise `Interrupted` in this (the command's) process; a forked child
+    (a data loader worker) goes as it would have gone. The earlier handlers come back after it (the
+    commands also run inside other programs: the Python API, the tests). For the commands' entry points."""
+    main_process = os.getpid()
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signal_number: int, frame: object) -> None:
+        if os.getpid() != main_process:
+            signal.signal(signal_number, signal.SIG_DFL)
+            os.kill(os.getpid(), signal_number)
+            return
+        raise Interrupted(signal_number, signal.Signals(signal_number).name)
+
+    for number in previous:
+        signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, earlier in previous.items():
+            signal.signal(number, earlier)

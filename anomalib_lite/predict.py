@@ -39,7 +39,7 @@ from anomalib_lite.data.samples import (
     check_file_name,
     is_image_file,
 )
-from anomalib_lite.errors import UserInputError, find_user_error, one_line
+from anomalib_lite.errors import Interrupted, UserInputError, find_user_error, one_line, stop_on_signals
 from anomalib_lite.models.components import AnomalyModule
 from anomalib_lite.run_dir import OwnedFiles, check_writable
 
@@ -154,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
-        return _predict(args)
+        with stop_on_signals():
+            return _predict(args)
+    except Interrupted as interrupted:
+        print(f"anomalib-lite-predict: error: {interrupted}: predictions.csv was not written", file=sys.stderr, flush=True)
+        return interrupted.exit_code
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is None:

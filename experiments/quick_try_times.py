@@ -32,17 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = ["| method | seconds | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|"]
     slow = []
     for method in args.methods:
-        run_dir = args.out / "runs" / method
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
+        run_dir = args.out / "runs" / method  # an earlier measurement's run is replaced by the run's own rules
         cache = Path(tempfile.mkdtemp(prefix=f"quick_try_{method}_"))
         start = time.perf_counter()
         result = subprocess.run(
-            [sys.executable, "-m", "anomalib_lite", f"smoke={method}", f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}"],
+            [sys.executable, "-m", "anomalib_lite", f"smoke={method}", f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}", "overwrite=true"],
             capture_output=True, text=True,
         )
         seconds = time.perf_counter() - start
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)  # the temporary folder made above
         if result.returncode != 0:
             print(f"{method}: failed ({result.returncode}): {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
             rows.append(f"| {method} | failed | | | |")

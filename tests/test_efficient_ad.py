@@ -13,6 +13,7 @@ from anomalib_lite.models.components.teacher_artefact import (
     folder_fingerprint,
     load_or_build,
     load_pretrained,
+    time_to_go,
 )
 from anomalib_lite.models.efficient_ad import EfficientAdModel
 from anomalib_lite.models.efficient_ad.teacher import BackboneDescriptor
@@ -173,3 +174,14 @@ def test_a_published_teacher_loads_from_a_file_or_a_url_by_its_own_names(tmp_pat
     assert not (tmp_path / "ran").exists()
     with pytest.raises(UserInputError, match="no such file"):
         load_pretrained(patch_description_network(384, "small"), str(tmp_path / "none.pth"), tmp_path, "method.teacher.pretrained")
+
+
+def test_a_long_one_off_build_says_what_it_is_and_the_cheaper_option(tmp_path, caplog) -> None:  # noqa: ANN001
+    network = nn.Linear(2, 2)
+    with caplog.at_level("INFO"):
+        load_or_build(network, tmp_path, "teacher", {"steps": 3}, lambda net: {"steps": 3}, cheaper="try method.teacher.steps=N")
+    built = [r.getMessage() for r in caplog.records if "one-off build" in r.getMessage()]
+    assert len(built) == 1 and "cached for every later run" in built[0] and "try method.teacher.steps=N" in built[0]
+    assert time_to_go(10, 100, 5.0) == "about 45 s to go"
+    assert time_to_go(100, 60000, 300.0) == "about 49.9 h to go"
+    assert time_to_go(30, 100, 60.0) == "about 2 min to go"

@@ -27,3 +27,12 @@ def test_the_wheel_holds_every_config_and_module(tmp_path: Path) -> None:
     assert len(configs) > 20 and configs <= names, sorted(configs - names)
     modules = {f"anomalib_lite/{p.relative_to(REPO / 'anomalib_lite').as_posix()}" for p in (REPO / "anomalib_lite").rglob("*.py")}
     assert modules <= names, sorted(modules - names)
+
+
+def test_every_command_is_installed_and_answers(tmp_path: Path) -> None:
+    """The commands a user types, as the install made them (not only `python -m`)."""
+    bin_dir = Path(sys.executable).parent
+    for command in ("anomalib-lite", "anomalib-lite-predict", "anomalib-lite-collect"):
+        assert (bin_dir / command).is_file(), f"{command} is not installed: pip install -e . (make install)"
+    result = subprocess.run([str(bin_dir / "anomalib-lite-collect"), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == f"collect: error: no metrics.json under {tmp_path}"

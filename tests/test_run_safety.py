@@ -316,3 +316,23 @@ def test_a_mask_threshold_above_every_mask_is_one_line(data_root: Path, cache_di
     assert code == 2, stderr
     assert "dataset.mask_threshold=255: no pixel of the 4 defect masks is above it" in error_lines(stderr)[0]
     assert "Traceback" not in stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_predict_interrupted_is_one_line_and_restores_the_signal_handlers(
+    data_root: Path, cache_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    run_dir = tmp_path / "run"
+    assert run_main(mvtec_args(data_root, cache_dir, run_dir), capsys)[0] == 0
+    batches = predict.predict_batches
+
+    def interrupted_batches(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C while scoring
+        yield from batches(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_batches", interrupted_batches)
+    before = signal.getsignal(signal.SIGINT)
+    assert predict.main([str(run_dir), str(data_root / "weave" / "test"), "--output", str(tmp_path / "out"), "--workers", "0"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["anomalib-lite-predict: error: interrupted by SIGINT: predictions.csv was not written"]
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+    assert signal.getsignal(signal.SIGINT) is before

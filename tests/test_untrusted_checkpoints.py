@@ -115,3 +115,19 @@ def test_retest_reads_the_checkpoint_as_data(tmp_path: Path, real_run: Path) -> 
 def test_a_real_checkpoint_loads_as_data(real_run: Path) -> None:
     model = load_model(real_run)
     assert not model.training and model.image_resize is not None
+
+
+def test_lightnings_loader_on_a_method_class_is_the_guarded_one(tmp_path: Path, real_run: Path) -> None:
+    """`Patchcore.load_from_checkpoint(...)`, the Lightning idiom, reads as data and checks the specs too."""
+    from anomalib_lite.models.padim import Padim
+    from anomalib_lite.models.patchcore import Patchcore
+
+    change = lambda s, m: s["hyper_parameters"]["coreset_sampler"].update(_target_="builtins.open", file=str(m), mode="w")  # noqa: E731
+    run_dir, marker = _crafted(tmp_path, real_run, change)
+    with pytest.raises(UserInputError, match="refused"):
+        Patchcore.load_from_checkpoint(run_dir / "checkpoints" / "model.ckpt")
+    assert not marker.exists()
+    model = Patchcore.load_from_checkpoint(real_run / "checkpoints" / "model.ckpt", num_neighbors=3)
+    assert isinstance(model, Patchcore) and model.hparams["num_neighbors"] == 3
+    with pytest.raises(UserInputError, match="holds a Patchcore, not a Padim"):
+        Padim.load_from_checkpoint(real_run / "checkpoints" / "model.ckpt")

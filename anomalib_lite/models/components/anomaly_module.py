@@ -152,6 +152,20 @@ class AnomalyModule(L.LightningModule):
         images = torch.cat([batch.image for batch in batches]).to(self.device)
         return images, torch.cat([batch.mask for batch in batches]).to(self.device)
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, map_location: str | torch.device | None = None, **overrides: Any
+    ) -> AnomalyModule:
+        """Lightning's loader, made safe: the file is read as data only and what it names is checked
+        before anything is built (`anomalib_lite.checkpoint.load_model`, which this calls); keyword
+        arguments change the method's stored arguments. Returns the method in eval mode."""
+        from anomalib_lite.checkpoint import load_model  # the layer above: it builds methods from files
+
+        model = load_model(checkpoint_path, map_location or "cpu", overrides=overrides)
+        if not isinstance(model, cls):
+            raise UserInputError(f"{checkpoint_path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What a checkpoint needs beyond the weights to be used alone (`anomalib_lite.predict`).
         checkpoint["anomalib_lite"] = {
