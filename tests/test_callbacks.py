@@ -26,8 +26,8 @@ class _Fitted:
         return 0.0, 0.5, 1.0
 
     @staticmethod
-    def normalize_anomaly_map(anomaly_map: torch.Tensor) -> torch.Tensor:
-        return anomaly_map.clamp(0, 1)
+    def normalize_anomaly_map(anomaly_map: torch.Tensor, top: float | None = None) -> torch.Tensor:
+        return (anomaly_map / (top or 1.0)).clamp(0, 1)
 
 
 class _Trainer:
@@ -111,3 +111,25 @@ def test_the_colour_scale_tops_at_a_high_quantile_of_the_validation_maps() -> No
     # A checkpoint from before the top was fitted keeps its symmetric scale.
     module.pixel_ceiling.fill_(float("nan"))
     assert module.colour_scale()[2] == pytest.approx(2 * threshold - floor)
+
+
+def test_the_sheets_scale_reaches_up_to_the_test_maps(tmp_path: Path) -> None:
+    """Test maps far above the validation-fitted top: the sheets' top is their 99.9th percentile (said
+    in the footer), so a defect is drawn with its gradient instead of one saturated colour."""
+    callback = HeatmapExport(tmp_path, max_per_type=None, workers=1, grid_size=0)
+    callback.on_test_epoch_start(_Trainer(), _Fitted())
+    batch, output = _batch(4, 0)
+    output = AnomalyOutput(output.pred_score, output.anomaly_map * 10)  # up to 10: the fitted top is 1
+    callback.on_test_batch_end(_Trainer(), _Fitted(), output, batch, 0)
+    (low, threshold, top), source = callback.colour_scale(_Trainer(), _Fitted())
+    everything = output.anomaly_map.flatten().numpy()
+    assert (low, threshold, source) == (0.0, 0.5, "the test maps")
+    assert top == pytest.approx(float(np.quantile(everything, 0.999, method="inverted_cdf")), rel=1e-6)
+    callback.on_test_epoch_end(_Trainer(), _Fitted())
+    expected = render_heatmap(
+        batch.image[1], batch.mask[1], (output.anomaly_map[1] / top).clamp(0, 1), "hole/001.png",
+        f"image score {float(output.pred_score[1]):.3g}, image threshold 0.5: "
+        f"{'ANOMALOUS' if output.pred_score[1] > 0.5 else 'normal'}",
+        scale=(0.0, 0.5, top), anomalous=bool(output.pred_score[1] > 0.5), top_source="the test maps",
+    )
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "hole" / "001_png.png")), np.asarray(expected))

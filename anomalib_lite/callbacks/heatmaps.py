@@ -6,11 +6,11 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import math
 import os
 import tempfile
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from scipy import ndimage
 from anomalib_lite.callbacks.reporting import ReportingCallback
 from anomalib_lite.data.batch import Batch
 from anomalib_lite.models.components import AnomalyModule, AnomalyOutput
+from anomalib_lite.models.components.anomaly_module import COLOUR_SCALE_QUANTILE
 
 LINE_HEIGHT = 13  # pixels per text line
 FONT_SIZE = 11
@@ -78,6 +79,7 @@ def render_heatmap(
     alpha: float = 0.5,
     scale: tuple[float, float, float] | None = None,
     anomalous: bool | None = None,
+    top_source: str = "the validation maps",
 ) -> Image.Image:
     """image 3 x H x W in [0, 1]; normalized_map H x W in [0, 1] with 0.5 = pixel threshold.
 
@@ -86,7 +88,8 @@ def render_heatmap(
     footer saying what the bar's numbers are. The overlay outlines in white the pixels above the
     pixel threshold; the ground-truth panel shows the mask (grey, "no mask", when there is none).
     `scale` = (bottom, pixel threshold, top) of the colour bar in the method's own units
-    (`AnomalyModule.colour_scale`). Images under 128 pixels a side are enlarged.
+    (`AnomalyModule.colour_scale`); `top_source` says where the top comes from (the footer says
+    so). Images under 128 pixels a side are enlarged.
     """
     rgb = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     heat = normalized_map.cpu().numpy()
@@ -106,7 +109,7 @@ def render_heatmap(
     low, threshold, high = scale if scale is not None else (0.0, 0.5, 1.0)
     footer_text = (
         f"colour bar: pixel scores; {threshold:.3g} = pixel threshold (the highest held-out normal pixel), "
-        f"top {high:.3g} = 99.9th percentile of the validation maps"
+        f"top {high:.3g} = 99.9th percentile of {top_source}"
     )
     header = _wrap(measure, title, sheet_w - 4) + _wrap(measure, score_text, sheet_w - 4)
     footer = _wrap(measure, footer_text, sheet_w - 4)
@@ -164,7 +167,7 @@ class _Tile:
     name: str = field(compare=False)
     image: torch.Tensor = field(compare=False)
     mask: torch.Tensor | None = field(compare=False)
-    normalized: torch.Tensor = field(compare=False)
+    anomaly_map: torch.Tensor = field(compare=False)  # in the method's units: normalised once the scale is known
 
 
 def select_grid(normal: list[_Tile], anomalous: list[_Tile], threshold: float, size: int) -> list[tuple[_Tile, str]]:
@@ -210,22 +213,51 @@ def log_image(trainer: L.Trainer, tag: str, image: Image.Image) -> list[str]:
     return taken
 
 
+@dataclass
+class _Sheet:
+    """A heatmap to draw at the end of test, once the colour scale is known."""
+
+    image: torch.Tensor  # uint8, 3 x H x W: what the sheet shows of the input, at a quarter of float32's memory
+    mask: torch.Tensor | None
+    anomaly_map: torch.Tensor
+    title: str
+    score_text: str
+    anomalous: bool
+    path: Path
+
+
+PIXEL_SAMPLES_PER_MAP = 4096  # of every test map, for the colour scale's top
+
+
+def test_maps_top(samples: list[torch.Tensor], trainer: L.Trainer) -> float | None:
+    """The 99.9th percentile of the test maps' pixels (a strided sample of each), over every DDP rank."""
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, samples)
+        samples = [sample for ranked in gathered for sample in ranked]
+    if not samples:
+        return None
+    values = torch.cat(samples).float()
+    return float(values.kthvalue(max(1, math.ceil(COLOUR_SCALE_QUANTILE * values.numel()))).values)
+
+
 class HeatmapExport(ReportingCallback):
     """Writes `<output_dir>/<defect_type>/<image stem>_<extension>.png` for up to `max_per_type` test images
     of every defect type (null: all), so each type is represented however large the test set.
 
-    Rendering and PNG encoding run in `workers` background threads (numpy, scipy and Pillow
-    release the GIL for this work), so the test loop goes on with the next batch meanwhile; at the
-    end of test the loop waits for what is left. `heatmap_seconds` in metrics.json is the time the
-    loop spent on heatmaps (handing images over and that final wait).
+    The colour scale is the one fitted on validation (`AnomalyModule.colour_scale`), its top raised
+    to the 99.9th percentile of the test maps where they reach higher: defects keep their shape on
+    the sheets instead of saturating (no label is used; thresholds and verdicts are unchanged). The
+    sheets are therefore drawn at the end of test, in `workers` background threads (numpy, scipy
+    and Pillow release the GIL), from the images and maps kept meanwhile (at most `max_per_type`
+    per type; with null, every test image, as uint8). `heatmap_seconds` in metrics.json is the time
+    the test loop spent on heatmaps (keeping them, then drawing them).
 
     With `grid_size` > 0, the test images whose verdicts went most wrong (worst false positives
     and false negatives first, then the correct ones closest to the threshold; every test image
     is a candidate, whatever `max_per_type`) are drawn into one grid: `<output_dir>/grid.png`,
     and an image (`test/heatmaps_worst_first`) in TensorBoard and W&B when those log the run.
     """
-
-    max_pending = 64  # images handed over but not yet written: bounds the memory they hold
 
     def __init__(
         self, output_dir: str | Path, max_per_type: int | None = 30, colormap: str = "jet", workers: int = 1,
@@ -237,8 +269,8 @@ class HeatmapExport(ReportingCallback):
         self.workers = workers
         self.grid_size = grid_size
         self._written: dict[str, int] = {}
-        self._pending: deque[Future] = deque()
-        self._executor: ThreadPoolExecutor | None = None
+        self._sheets: list[_Sheet] = []
+        self._pixel_samples: list[torch.Tensor] = []
         self._loop_seconds = 0.0
         # Grid candidates: min-heaps on badness, so the least wrong is dropped first.
         self._normal: list[_Tile] = []
@@ -249,9 +281,8 @@ class HeatmapExport(ReportingCallback):
         return {"heatmaps": str(self.output_dir), "heatmap_seconds": round(self._loop_seconds, 3)}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
-        self._written, self._pending, self._loop_seconds = {}, deque(), 0.0
+        self._written, self._sheets, self._pixel_samples, self._loop_seconds = {}, [], [], 0.0
         self._normal, self._anomalous, self._seen = [], [], 0
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="heatmaps")
 
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: AnomalyModule, outputs: AnomalyOutput, batch: Batch, batch_idx: int,
@@ -260,29 +291,27 @@ class HeatmapExport(ReportingCallback):
         start = time.perf_counter()
         # Under DDP every rank writes its share of the cap.
         cap = None if self.max_per_type is None else -(-self.max_per_type // trainer.world_size)
-        normalized = pl_module.normalize_anomaly_map(outputs.anomaly_map.detach()).cpu()
+        maps = outputs.anomaly_map.detach().float().cpu()
         scores = outputs.pred_score.detach().float().cpu()
         threshold = float(pl_module.image_threshold)
-        scale = pl_module.colour_scale()
+        flat = maps.flatten(1)
+        self._pixel_samples.append(flat[:, :: max(1, flat.shape[1] // PIXEL_SAMPLES_PER_MAP)].flatten().clone())
         for i, defect_type in enumerate(batch.defect_type):
-            self._offer_to_grid(batch, i, float(scores[i]), normalized[i])
+            self._offer_to_grid(batch, i, float(scores[i]), maps[i])
             if cap is not None and self._written.get(defect_type, 0) >= cap:
                 continue
             self._written[defect_type] = self._written.get(defect_type, 0) + 1
             name = Path(batch.image_path[i]).name
             anomalous = bool(scores[i] > threshold)
-            job = (
-                batch.image[i].cpu(), batch.mask[i].cpu() if bool(batch.has_mask[i]) else None, normalized[i],
-                f"{defect_type}/{name}",
+            self._sheets.append(_Sheet(
+                (batch.image[i].detach().cpu() * 255).round().to(torch.uint8),
+                batch.mask[i].cpu() if bool(batch.has_mask[i]) else None, maps[i].clone(), f"{defect_type}/{name}",
                 f"image score {float(scores[i]):.3g}, image threshold {threshold:.3g}: {'ANOMALOUS' if anomalous else 'normal'}",
-                scale, anomalous, self.output_dir / defect_type / heatmap_name(name),
-            )
-            while len(self._pending) >= self.max_pending:
-                self._pending.popleft().result()
-            self._pending.append(self._executor.submit(self._render_and_save, *job))
+                anomalous, self.output_dir / defect_type / heatmap_name(name),
+            ))
         self._loop_seconds += time.perf_counter() - start
 
-    def _offer_to_grid(self, batch: Batch, i: int, score: float, normalized: torch.Tensor) -> None:
+    def _offer_to_grid(self, batch: Batch, i: int, score: float, anomaly_map: torch.Tensor) -> None:
         if self.grid_size <= 0:
             return
         label = int(batch.label[i])
@@ -295,11 +324,19 @@ class HeatmapExport(ReportingCallback):
         tile = _Tile(
             badness, -self._seen, score, label, f"{batch.defect_type[i]}/{Path(batch.image_path[i]).name}",
             batch.image[i].detach().cpu().clone(), batch.mask[i].detach().cpu().clone() if bool(batch.has_mask[i]) else None,
-            normalized.clone(),
+            anomaly_map.clone(),
         )
         (heapq.heappush if len(heap) < self.grid_size else heapq.heappushpop)(heap, tile)
 
-    def _write_grid(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
+    def colour_scale(self, trainer: L.Trainer, pl_module: AnomalyModule) -> tuple[tuple[float, float, float], str]:
+        """(bottom, pixel threshold, top) for this test set's sheets, and where the top comes from."""
+        floor, threshold, fitted_top = pl_module.colour_scale()
+        test_top = test_maps_top(self._pixel_samples, trainer)
+        if test_top is not None and test_top > fitted_top:
+            return (floor, threshold, test_top), "the test maps"
+        return (floor, threshold, fitted_top), "the validation maps"
+
+    def _write_grid(self, trainer: L.Trainer, pl_module: AnomalyModule, scale: tuple[float, float, float], source: str) -> None:
         normal, anomalous = self._normal, self._anomalous
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list = [None] * trainer.world_size
@@ -309,11 +346,11 @@ class HeatmapExport(ReportingCallback):
         if not trainer.is_global_zero or not (normal or anomalous):
             return
         threshold = float(pl_module.image_threshold)
-        scale = pl_module.colour_scale()
         sheets = [
             render_heatmap(
-                tile.image, tile.mask, tile.normalized, tile.name, f"{verdict}: image score {tile.score:.3g}, image threshold {threshold:.3g}",
-                colormap=self.colormap, scale=scale, anomalous=tile.score > threshold,
+                tile.image, tile.mask, pl_module.normalize_anomaly_map(tile.anomaly_map, top=scale[2]), tile.name,
+                f"{verdict}: image score {tile.score:.3g}, image threshold {threshold:.3g}",
+                colormap=self.colormap, scale=scale, anomalous=tile.score > threshold, top_source=source,
             )
             for tile, verdict in select_grid(normal, anomalous, threshold, self.grid_size)
         ]
@@ -322,21 +359,25 @@ class HeatmapExport(ReportingCallback):
         _save_atomically(grid, self.output_dir / "grid.png")
         log_image(trainer, GRID_TAG, grid)
 
-    def _render_and_save(self, image, mask, normalized, title, score_text, scale, anomalous, path: Path) -> None:  # noqa: ANN001
-        sheet = render_heatmap(
-            image, mask, normalized, title, score_text, colormap=self.colormap, scale=scale, anomalous=anomalous
+    def _render_and_save(
+        self, sheet: _Sheet, pl_module: AnomalyModule, scale: tuple[float, float, float], source: str
+    ) -> None:
+        normalized = pl_module.normalize_anomaly_map(sheet.anomaly_map, top=scale[2])
+        drawn = render_heatmap(
+            sheet.image.float() / 255, sheet.mask, normalized, sheet.title, sheet.score_text, colormap=self.colormap,
+            scale=scale, anomalous=sheet.anomalous, top_source=source,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _save_atomically(sheet, path)
+        sheet.path.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomically(drawn, sheet.path)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
         start = time.perf_counter()
-        try:
-            while self._pending:
-                self._pending.popleft().result()  # re-raises a worker's error here
-        finally:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-        self._write_grid(trainer, pl_module)
+        scale, source = self.colour_scale(trainer, pl_module)
+        with ThreadPoolExecutor(max(1, self.workers), thread_name_prefix="heatmaps") as executor:
+            jobs = [executor.submit(self._render_and_save, sheet, pl_module, scale, source) for sheet in self._sheets]
+            for job in jobs:
+                job.result()  # re-raises a worker's error here
+        self._sheets, self._pixel_samples = [], []
+        self._write_grid(trainer, pl_module, scale, source)
         self._normal, self._anomalous = [], []
         self._loop_seconds += time.perf_counter() - start

@@ -240,10 +240,12 @@ class AnomalyModule(L.LightningModule):
             top = 2 * threshold - floor
         return floor, threshold, top
 
-    def normalize_anomaly_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+    def normalize_anomaly_map(self, anomaly_map: torch.Tensor, top: float | None = None) -> torch.Tensor:
         """Map scores onto [0, 1] with the validation-fitted scale (same for every test image):
-        piecewise linear, the floor to 0, the pixel threshold to 0.5, the top to 1."""
-        floor, threshold, top = self.colour_scale()
+        piecewise linear, the floor to 0, the pixel threshold to 0.5, the top (`colour_scale`'s, or
+        the one given) to 1."""
+        floor, threshold, fitted_top = self.colour_scale()
+        top = fitted_top if top is None else top
         below = (anomaly_map - floor) / max(threshold - floor, 1e-12) * 0.5
         above = 0.5 + (anomaly_map - threshold) / max(top - threshold, 1e-12) * 0.5
         return torch.where(anomaly_map <= threshold, below, above).clamp(0, 1)
