@@ -176,8 +176,8 @@ def _predict(args: argparse.Namespace) -> int:
     checkpoint = find_checkpoint(args.run)
     output = args.output or run_dir_of(checkpoint) / "predict" / (Path(args.images[0]).resolve().name or "images")
     # Outputs are never inputs: this command's earlier files in --output (it may be the images folder) are left out.
-    earlier = {(output / name).absolute() for name in OwnedFiles(output, PREDICT_RECORD).read() or []}
-    files = [(f, folder) for f, folder in list_image_files(args.images) if f.absolute() not in earlier]
+    earlier = {(output / name).resolve() for name in OwnedFiles(output, PREDICT_RECORD).read() or []}
+    files = [(f, folder) for f, folder in list_image_files(args.images) if f.resolve() not in earlier]
     if not files:
         raise UserInputError(f"no images under {', '.join(args.images)} but this command's own earlier outputs")
     max_heatmaps = len(files) if args.max_heatmaps is None else args.max_heatmaps

@@ -85,8 +85,11 @@ class OwnedFiles:
     def remove_listed(self) -> None:
         """Remove the listed files, then the folders left empty by that (never the top folder)."""
         folders = set()
+        top = self.folder.resolve()
         for name in self.read() or []:
             path = self.folder / name
+            if not path.parent.resolve().is_relative_to(top):
+                continue  # reached through a link out of the folder (a list may come with a shared folder)
             if path.is_file() or path.is_symlink():
                 path.unlink()
                 folders.update(parent for parent in path.parents if self.folder in parent.parents)

@@ -336,3 +336,18 @@ def test_predict_interrupted_is_one_line_and_restores_the_signal_handlers(
     assert err == ["anomalib-lite-predict: error: interrupted by SIGINT: predictions.csv was not written"]
     assert not (tmp_path / "out" / "predictions.csv").exists()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_crafted_file_list_removes_nothing_outside_its_folder(tmp_path: Path) -> None:
+    """A shared run folder's list naming `../x` or a path through a link out of the folder: those stay."""
+    from anomalib_lite.run_dir import RUN_RECORD, OwnedFiles
+
+    outside = put_user_files(tmp_path / "home", "important.txt", "deep/notes.txt")
+    run_dir = tmp_path / "shared_run"
+    run_dir.mkdir()
+    (run_dir / "link").symlink_to(tmp_path / "home")
+    own = put_user_files(run_dir, "metrics.json")
+    (run_dir / RUN_RECORD).write_text(json.dumps({"files": ["../home/important.txt", "link/important.txt", "link/deep/notes.txt", "metrics.json"]}))
+    before = digest(outside)
+    OwnedFiles(run_dir, RUN_RECORD).remove_listed()
+    assert digest(outside) == before and not own[0].exists()
