@@ -16,8 +16,6 @@ instantiates) must name an object of anomalib-lite or `torch.optim`.
 
 from __future__ import annotations
 
-import pickle
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from anomalib_lite.data import AnomalyDataModule
 from anomalib_lite.data.samples import ImageResize
 from anomalib_lite.errors import UserInputError, one_line
 from anomalib_lite.models.components import AnomalyModule
+from anomalib_lite.utils.data_only import load_data_only
 
 CHECKPOINT_NAME = "checkpoints/model.ckpt"  # where a run keeps its model (train.py)
 # Packages whose classes a checkpoint may name as its method; a user's own method package is
@@ -37,7 +36,6 @@ CHECKPOINT_NAME = "checkpoints/model.ckpt"  # where a run keeps its model (train
 METHOD_PACKAGES = ("anomalib_lite",)
 # What a `_target_` in the hyperparameters may name: a spec is instantiated when the method is built.
 SPEC_PREFIXES = ("anomalib_lite.", "torch.optim.")
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -52,19 +50,9 @@ def find_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint's contents, read as data only (tensors memory-mapped, not copied)."""
-    path = Path(path)
-    try:
-        stored = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        wanted = _UNSUPPORTED_GLOBAL.search(str(error))
-        raise UserInputError(
-            f"refused to load {path}: it needs code to be read ({wanted.group(1) if wanted else 'a pickled object'}), and "
-            "anomalib-lite checkpoints hold data only; a file you trust can be opened with torch.load(weights_only=False)"
-        ) from None
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserInputError(f"cannot read checkpoint {path}: {one_line(str(error)) or type(error).__name__}") from None
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents, read as data only (tensors memory-mapped on the CPU, not copied)."""
+    stored = load_data_only(path, "checkpoint", mmap=True)
     if not isinstance(stored, dict):
         raise UserInputError(f"{path} is not a checkpoint (it holds a {type(stored).__name__}, not a dict)")
     return stored

@@ -263,13 +263,20 @@ class StagedRun:
                 "in %s", len(kept), self.run_dir, kept[0], self.staging,
             )
         else:
-            shutil.rmtree(self.staging)
+            _remove_empty_folders(self.staging)  # every file moved: only folders are left, and only empty ones go
 
     def fail(self) -> None:
         """The run failed: an earlier finished run stays as it was; otherwise the failed run's files move up."""
         if self.has_earlier_run:
             return
         self.commit()
+
+
+def _remove_empty_folders(top: Path) -> None:
+    """`top` and the folders under it, deepest first, each only if it is empty by then."""
+    for root, _, _ in sorted(os.walk(top), key=lambda entry: len(Path(entry[0]).parts), reverse=True):
+        if not any(Path(root).iterdir()):
+            Path(root).rmdir()
 
 
 def _remove(path: Path) -> None:

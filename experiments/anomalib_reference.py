@@ -276,6 +276,11 @@ def main() -> None:
     )
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's coreset sampling ratio (anomalib's default 0.1)")
     parser.add_argument("--dump", action="store_true", help="also save the raw test outputs (runs the test twice)")
+    parser.add_argument(
+        "--save-encoder", action="store_true",
+        help="reverse distillation: also save the frozen encoder the run used as a timm state dict (<out>/encoder.pth), "
+        "for ours with backbone.weights=<it>: both sides on the very same random encoder",
+    )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "anomalib_lite" / "anomalib_png")
     parser.add_argument("--out", type=Path, default=Path("outputs/anomalib_reference"))
     args = parser.parse_args()
@@ -351,6 +356,9 @@ def main() -> None:
         "draem_widths": args.draem_widths,
     }
     out.mkdir(parents=True, exist_ok=True)
+    if args.save_encoder:
+        # Straight from the model in memory: anomalib's checkpoints pickle objects, and reading one runs code.
+        torch.save(model.model.encoder.feature_extractor.state_dict(), out / "encoder.pth")
     if dump:
         dump.save(out / "raw_predictions.pt")
         # anomalib's raw outputs through our metric code: the AP columns of our tables, and a check that

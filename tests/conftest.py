@@ -45,6 +45,17 @@ TINY_SYNTHETIC = [
 TINY_DATA = TINY_COMMON + TINY_SYNTHETIC
 
 
+class Payload:
+    """A pickle payload for the tests of untrusted files: unpickling it calls open(marker, "w"), so the
+    marker file appears if (and only if) the file was read as trusted code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (str(self.marker), "w"))
+
+
 def config_options(group: str) -> list[str]:
     """Every option of a config group: the tests that take it grow with the yaml files."""
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))

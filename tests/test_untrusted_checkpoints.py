@@ -12,22 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DATA, compose_config
+from conftest import TINY_DATA, Payload, compose_config
 
 from anomalib_lite import predict
 from anomalib_lite.checkpoint import load_model, read_checkpoint
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.train import run
-
-
-class Payload:
-    """Unpickling this calls open(marker, "w"): the file appears if the pickle is trusted."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # noqa: ANN204
-        return (open, (str(self.marker), "w"))
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from torch import nn
 
 from anomalib_lite.data.samples import is_image_file
 from anomalib_lite.errors import UserInputError, one_line
+from anomalib_lite.utils.data_only import load_data_only
 
 log = logging.getLogger(__name__)
 
@@ -58,25 +59,18 @@ def load_pretrained(network: nn.Module, source: str, cache_dir: str | Path, sett
     tensors are matched in order, and every shape must agree. Anything else is one line naming `setting`.
     """
     if re.match(r"^[a-z][a-z0-9+.-]*://", source):
-        try:
-            state = torch.hub.load_state_dict_from_url(
-                source, model_dir=str(Path(cache_dir).expanduser() / "downloads"), map_location="cpu", weights_only=True,
-                progress=False,
-            )
-        except pickle.UnpicklingError:
-            raise UserInputError(f"{setting}={source}: refused, it needs code to be read (a state dict holds data only)") from None
-        except Exception as error:  # noqa: BLE001 - no network, a 404, a broken file: the user's to fix
-            raise UserInputError(f"{setting}={source}: cannot download it: {one_line(str(error))}") from None
+        path = Path(cache_dir).expanduser() / "downloads" / Path(urllib.parse.urlparse(source).path).name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(source, str(path), progress=False)  # atomic: a temporary file, then a rename
+            except Exception as error:  # noqa: BLE001 - no network, a 404: the user's to fix
+                raise UserInputError(f"{setting}={source}: cannot download it: {one_line(str(error))}") from None
     else:
         path = Path(source).expanduser()
         if not path.is_file():
             raise UserInputError(f"{setting}={source}: no such file (a state dict file or a URL)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise UserInputError(f"{setting}={source}: refused, it needs code to be read (a state dict holds data only)") from None
-        except Exception as error:  # noqa: BLE001
-            raise UserInputError(f"{setting}={source}: cannot read it: {one_line(str(error))}") from None
+    state = load_data_only(path, f"{setting}:")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     own = network.state_dict()
