@@ -29,8 +29,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from anomalib_lite.callbacks.heatmaps import heatmap_name, render_heatmap
-from anomalib_lite.checkpoint import find_checkpoint, load_model, run_dir_of
 from anomalib_lite.data.batch import Batch, collate_items
 from anomalib_lite.data.samples import (
     IMAGE_EXTENSIONS,
@@ -39,9 +37,11 @@ from anomalib_lite.data.samples import (
     check_file_name,
     is_image_file,
 )
+from anomalib_lite.engine import AnomalyModule
+from anomalib_lite.engine.checkpoint import find_checkpoint, load_model, run_dir_of
 from anomalib_lite.errors import Interrupted, UserInputError, find_user_error, one_line, stop_on_signals
-from anomalib_lite.models.components import AnomalyModule
 from anomalib_lite.run_dir import OwnedFiles, check_writable
+from anomalib_lite.visualization import heatmap_name, render_heatmap, save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,9 @@ def _predict(args: argparse.Namespace) -> int:
     # Listed before anything is written: a call that fails half-way still owns what it wrote.
     owned.write(["predictions.csv", *(p.relative_to(output).as_posix() for p in heatmap_paths)])
     model = load_model(checkpoint, map_location=device, trusted_packages=args.trust_package)
-    threshold = float(model.image_threshold)
-    scale = model.colour_scale()
+    post_processor = model.post_processor
+    threshold = float(post_processor.image_threshold)
+    scale = post_processor.colour_scale()
     log.info(
         "%s: %d images, resized as the run (%s), image threshold %.4g", checkpoint, len(files),
         model.image_resize.settings(), threshold,
@@ -200,7 +201,7 @@ def _predict(args: argparse.Namespace) -> int:
     ) as bar:
         batches = predict_batches(model, [f for f, _ in files], args.batch_size, args.workers)
         for batch, scores, maps in batches:
-            normalized = model.normalize_anomaly_map(maps.to(model.device)).cpu()
+            normalized = post_processor.normalize_anomaly_map(maps.to(model.device)).cpu()
             for i, image_path in enumerate(batch.image_path):
                 path = Path(image_path)
                 folder, score = folders[path], float(scores[i])
@@ -239,7 +240,7 @@ def _save_heatmap(
 ) -> None:
     sheet = render_heatmap(image, None, normalized, title, text, scale=scale, anomalous=anomalous)
     target.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(target)
+    save_atomically(sheet, target)
 
 
 if __name__ == "__main__":

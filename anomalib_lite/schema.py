@@ -178,6 +178,21 @@ def target_parameters(target: Any) -> tuple[dict[str, tuple[Any, bool]], bool]:
     return parameters, takes_kwargs
 
 
+def check_arguments(target: Any, arguments: Mapping[str, Any], path: str) -> None:
+    """Check keyword `arguments` given to `target` (a class or function) in Python exactly as the
+    config's settings are checked (`check_node`), nested `_target_` specs included."""
+    try:
+        node = OmegaConf.create(dict(arguments))
+        _check_settings(target, node, path, frozenset(), f"{target.__module__}.{target.__qualname__}")
+    except UserInputError:
+        raise
+    except Exception:  # noqa: BLE001 - values a config cannot hold (or "${" in a string): one by one
+        parameters, _ = target_parameters(target)
+        for key, value in arguments.items():
+            if key in parameters and not _matches(value, parameters[key][0]):
+                raise UserInputError(f"{path}.{key}={_show(value)}: must be {_describe(parameters[key][0])}") from None
+
+
 # Keys of optimiser/scheduler specs that the method reads itself (TrainedModule.build_scheduler).
 SPEC_KEYS = frozenset({"interval"})
 
@@ -190,6 +205,10 @@ def check_node(node: DictConfig, path: str, extra_keys: frozenset[str] = frozens
         target = get_object(str(node._target_))
     except Exception:  # noqa: BLE001 - Hydra names an unknown target itself, when it is instantiated
         return
+    _check_settings(target, node, path, extra_keys, str(node._target_))
+
+
+def _check_settings(target: Any, node: DictConfig, path: str, extra_keys: frozenset[str], target_name: str) -> None:
     parameters, takes_kwargs = target_parameters(target)
     for key in node:
         key = str(key)
@@ -202,7 +221,7 @@ def check_node(node: DictConfig, path: str, extra_keys: frozenset[str] = frozens
         if key not in parameters:
             if not takes_kwargs:
                 known = ", ".join(sorted(p for p in parameters if p not in ("backbone",)))
-                raise UserInputError(f"{setting} is not a setting of {node._target_} (its settings: {known})")
+                raise UserInputError(f"{setting} is not a setting of {target_name} (its settings: {known})")
             continue
         if isinstance(value, DictConfig) and "_target_" in value:
             check_node(value, setting)

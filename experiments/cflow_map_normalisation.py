@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomalib_lite.checkpoint import load_model, run_datamodule
+from anomalib_lite.engine.checkpoint import load_model, run_datamodule
 from anomalib_lite.metrics import compute_metrics
 
 SCORES = ("image_auroc", "pixel_auroc", "pixel_aupro")

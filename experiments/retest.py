@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from anomalib_lite.callbacks import AnomalyMetrics
-from anomalib_lite.checkpoint import load_model, run_datamodule
+from anomalib_lite.engine.checkpoint import load_model, run_datamodule
 from anomalib_lite.errors import UserInputError
 
 

@@ -10,14 +10,15 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from anomalib_lite.callbacks import HeatmapExport, render_heatmap
-from anomalib_lite.callbacks.heatmaps import _colormap_table, heatmap_name
+from anomalib_lite.callbacks import HeatmapExport
 from anomalib_lite.data import Item, collate_items
-from anomalib_lite.models.components import AnomalyModule, AnomalyOutput
+from anomalib_lite.engine import AnomalyModule, PostProcessor
+from anomalib_lite.models.components import AnomalyOutput
+from anomalib_lite.visualization import _colormap_table, heatmap_name, render_heatmap
 
 
-class _Fitted:
-    """The part of an AnomalyModule the heatmap export uses: the fitted threshold and colour scale."""
+class _FittedPostProcessor:
+    """The part of a PostProcessor the heatmap export uses: the fitted threshold and colour scale."""
 
     image_threshold = torch.tensor(0.5)
 
@@ -28,6 +29,12 @@ class _Fitted:
     @staticmethod
     def normalize_anomaly_map(anomaly_map: torch.Tensor, top: float | None = None) -> torch.Tensor:
         return (anomaly_map / (top or 1.0)).clamp(0, 1)
+
+
+class _Fitted:
+    """The part of an AnomalyModule the heatmap export uses: its post-processor."""
+
+    post_processor = _FittedPostProcessor()
 
 
 class _Trainer:
@@ -98,19 +105,39 @@ def test_the_colour_scale_tops_at_a_high_quantile_of_the_validation_maps() -> No
     generator = torch.Generator().manual_seed(0)
     normal = torch.rand(4, 16, 16, generator=generator)
     synthetic = 10 * torch.rand(4, 16, 16, generator=generator)
-    module = _Scored()
-    module.fit_thresholds(normal.flatten(1).amax(1), normal)
-    module.fit_colour_scale(torch.cat([normal, synthetic]))
-    floor, threshold, top = module.colour_scale()
+    post_processor = PostProcessor()
+    labels = torch.tensor([0] * 4 + [1] * 4)
+    post_processor.fit(torch.cat([normal, synthetic]).flatten(1).amax(1), torch.cat([normal, synthetic]), labels)
+    floor, threshold, top = post_processor.colour_scale()
     everything = torch.cat([normal, synthetic]).flatten().numpy()
     assert threshold == pytest.approx(float(normal.max()))
+    assert float(post_processor.image_threshold) == pytest.approx(float(normal.flatten(1).amax(1).max()))
+    assert floor == pytest.approx(float(normal.flatten().median()))
     assert top == pytest.approx(float(np.quantile(everything, 0.999, method="inverted_cdf")))
     assert top > 2 * threshold - floor  # the symmetric scale would have saturated the synthetic defects
     values = torch.tensor([floor, (floor + threshold) / 2, threshold, (threshold + top) / 2, top, 2 * top])
-    torch.testing.assert_close(module.normalize_anomaly_map(values), torch.tensor([0, 0.25, 0.5, 0.75, 1, 1]))
+    torch.testing.assert_close(post_processor.normalize_anomaly_map(values), torch.tensor([0, 0.25, 0.5, 0.75, 1, 1]))
     # A checkpoint from before the top was fitted keeps its symmetric scale.
-    module.pixel_ceiling.fill_(float("nan"))
-    assert module.colour_scale()[2] == pytest.approx(2 * threshold - floor)
+    post_processor.pixel_ceiling.fill_(float("nan"))
+    assert post_processor.colour_scale()[2] == pytest.approx(2 * threshold - floor)
+
+
+def test_the_post_processor_travels_in_the_state_dict_and_old_checkpoints_load() -> None:
+    """The thresholds are the module's `post_processor.*` buffers; a checkpoint written when they
+    were top-level buffers (and before the colour scale had a top) loads into the new layout."""
+    module = _Scored()
+    module.post_processor.fit(torch.tensor([0.1, 0.3, 0.9]), torch.rand(3, 4, 4), torch.tensor([0, 0, 1]))
+    state = module.state_dict()
+    assert {f"post_processor.{name}" for name in ("image_threshold", "pixel_threshold", "pixel_floor", "pixel_ceiling")} <= set(state)
+    old_layout = {"state_dict": {
+        "image_threshold": torch.tensor(0.3), "pixel_threshold": torch.tensor(0.8), "pixel_floor": torch.tensor(0.2),
+    }}
+    restored = _Scored()
+    restored.on_load_checkpoint(old_layout)
+    restored.load_state_dict(old_layout["state_dict"])
+    assert restored.post_processor.is_fitted and float(restored.post_processor.image_threshold) == pytest.approx(0.3)
+    assert restored.post_processor.colour_scale() == pytest.approx((0.2, 0.8, 1.4))  # the symmetric scale of old
+    assert bool(restored.post_processor.is_anomalous(torch.tensor(0.31))) and not bool(restored.post_processor.is_anomalous(torch.tensor(0.3)))
 
 
 def test_the_sheets_scale_reaches_up_to_the_test_maps(tmp_path: Path) -> None:
@@ -121,7 +148,7 @@ def test_the_sheets_scale_reaches_up_to_the_test_maps(tmp_path: Path) -> None:
     batch, output = _batch(4, 0)
     output = AnomalyOutput(output.pred_score, output.anomaly_map * 10)  # up to 10: the fitted top is 1
     callback.on_test_batch_end(_Trainer(), _Fitted(), output, batch, 0)
-    (low, threshold, top), source = callback.colour_scale(_Trainer(), _Fitted())
+    (low, threshold, top), source = callback.colour_scale(_Trainer(), _Fitted().post_processor)
     everything = output.anomaly_map.flatten().numpy()
     assert (low, threshold, source) == (0.0, 0.5, "the test maps")
     assert top == pytest.approx(float(np.quantile(everything, 0.999, method="inverted_cdf")), rel=1e-6)

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from anomalib_lite.config import check_config, uses_backbone
 from anomalib_lite.data import AnomalyDataModule
+from anomalib_lite.engine import AnomalyModule
 from anomalib_lite.errors import UserInputError
-from anomalib_lite.models.components import AnomalyModule
 
 GROUPS = ("method", "backbone", "dataset", "trainer", "logger", "callbacks", "experiment", "hparams_search", "smoke")
 
@@ -172,3 +172,21 @@ def test_cli_prints_the_composed_config(tmp_path: Path) -> None:
     printed = OmegaConf.create(result.stdout)
     assert printed.method._target_ == "anomalib_lite.models.padim.Padim"
     assert printed.backbone.name == "resnet18" and printed.method.backbone.name == "resnet18"
+
+
+def test_a_method_built_in_python_is_checked_as_its_config_is(make_cfg) -> None:
+    """One source of bounds: the annotations. A method, its nested sampler spec and a data module
+    built in Python are refused with the config's own line, before any constructor runs."""
+    ognet = OmegaConf.to_container(make_cfg("method=ognet").method, resolve=True)
+    ognet_class = get_class(ognet.pop("_target_"))
+    with pytest.raises(UserInputError, match=r"^method.old_fraction=1.5: must be a number in \(0, 1\)$"):
+        ognet_class(**{**ognet, "old_fraction": 1.5})
+    with pytest.raises(UserInputError, match=r"^method.epochs=0: must be an integer at least 1$"):
+        ognet_class(**{**ognet, "epochs": 0})
+    patchcore = OmegaConf.to_container(make_cfg("method=patchcore").method, resolve=True)
+    patchcore_class = get_class(patchcore.pop("_target_"))
+    spec = {**patchcore["coreset_sampler"], "ratio": 2}
+    with pytest.raises(UserInputError, match=r"^method.coreset_sampler.ratio=2: must be a number in \(0, 1\]$"):
+        patchcore_class(**{**patchcore, "coreset_sampler": spec})
+    with pytest.raises(UserInputError, match=r"^dataset.num_shots=0: must be an integer at least 1 or null$"):
+        get_class("anomalib_lite.data.MVTecDataModule")("root", "category", num_shots=0)

@@ -92,7 +92,7 @@ def test_rd_protocol_transforms_every_split_and_keeps_the_model_resize(synthetic
     assert set(torch.unique(first.mask).tolist()) <= {0.0, 1.0}
     with pytest.raises(UserInputError, match="crop_size"):
         MVTecDataModule(synthetic_root, "disc", image_size=48, protocol="rd")
-    with pytest.raises(UserInputError, match="protocol must be one of"):
+    with pytest.raises(UserInputError, match="dataset.protocol='rotated': must be one of aligned, rd"):
         MVTecDataModule(synthetic_root, "disc", image_size=48, crop_size=40, protocol="rotated")
 
 
@@ -259,7 +259,7 @@ def test_validation_set_pairs_each_normal_image_with_a_seeded_synthetic_anomaly(
 
 
 def test_validation_needs_a_held_out_image(synthetic_root) -> None:
-    with pytest.raises(UserInputError, match="val_ratio must be in"):
+    with pytest.raises(UserInputError, match=r"dataset.val_ratio=0: must be a number in \(0, 1\)"):
         MVTecDataModule(synthetic_root, "disc", val_ratio=0)
     tiny = MVTecDataModule(synthetic_root, "disc", num_workers=0, val_ratio=0.01)
     tiny.setup()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import cli_tiny_args, run_cli
 
-from anomalib_lite.checkpoint import read_checkpoint
+from anomalib_lite.engine.checkpoint import read_checkpoint
 
 
 def _bank(run_dir: Path) -> torch.Tensor:

@@ -20,10 +20,10 @@ from conftest import TINY_OUTPUTS, compose_config, config_options
 from hydra.utils import get_class
 
 from anomalib_lite import predict
-from anomalib_lite.checkpoint import load_model, read_checkpoint
 from anomalib_lite.data import AnomalyDataset
 from anomalib_lite.data.samples import ImageResize, Sample
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
+from anomalib_lite.engine.checkpoint import load_model, read_checkpoint
 from anomalib_lite.train import METRIC_KEYS, run
 
 REQUIRED_KEYS = {

@@ -8,20 +8,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from anomalib_lite.callbacks import render_heatmap
-from anomalib_lite.callbacks.heatmaps import (
+from anomalib_lite.errors import UserInputError
+from anomalib_lite.models.components import GreedyCoresetSampler, nearest_neighbors
+from anomalib_lite.models.padim import Padim, PadimModel
+from anomalib_lite.models.patchcore import PatchcoreModel
+from anomalib_lite.models.patchcore.torch_model import distance_preserving_projection, pooling_projection
+from anomalib_lite.visualization import (
     COLOUR_BAR_WIDTH,
     LABEL_WIDTH,
     MIN_PANEL_SIDE,
     _colormap_table,
     _wrap,
     font,
+    render_heatmap,
 )
-from anomalib_lite.errors import UserInputError
-from anomalib_lite.models.components import GreedyCoresetSampler, nearest_neighbors
-from anomalib_lite.models.padim import Padim, PadimModel
-from anomalib_lite.models.patchcore import PatchcoreModel
-from anomalib_lite.models.patchcore.torch_model import distance_preserving_projection, pooling_projection
 
 BACKBONE = {"name": "tf_efficientnet_lite0", "weights": "none", "mean": [0.5] * 3, "std": [0.5] * 3}
 
@@ -216,5 +216,5 @@ def test_patchcore_thins_its_bank_with_its_sampler() -> None:
     assert model.memory_bank.shape == (48, model.feature_dim)  # 25 % of 3 x 64 patches
     assert (model.fit_report["coreset_kept"], model.fit_report["coreset_of"]) == (48, 192)  # into metrics.json
     assert GreedyCoresetSampler(ratio=1.0)(torch.rand(10, 4)).tolist() == list(range(10))
-    with pytest.raises(UserInputError, match="coreset ratio must be in"):
+    with pytest.raises(UserInputError, match=r"coreset_sampler.ratio=0: must be a number in \(0, 1\]"):
         GreedyCoresetSampler(ratio=0)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_DATA, compose_config
 
-from anomalib_lite.checkpoint import load_model
+from anomalib_lite.engine.checkpoint import load_model
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.nbs.lightning_model import Nbs
 from anomalib_lite.models.nbs.torch_model import (

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import cli_tiny_args, run_cli
 
-from anomalib_lite.checkpoint import read_checkpoint
+from anomalib_lite.engine.checkpoint import read_checkpoint
 
 TORCH_MODELS = '''
 import torch
@@ -60,7 +60,7 @@ class {name}(TrainableModel):
 
 LIGHTNING_MODELS = {
     "toy_ae": '''
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from toy_ae.torch_model import ToyAeModel
 
 
@@ -68,7 +68,7 @@ class ToyAe(TrainedModule):
     model_class = ToyAeModel
 ''',
     "toy_gan": '''
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from toy_gan.torch_model import ToyGanModel
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from anomalib_lite import predict
-from anomalib_lite.checkpoint import read_checkpoint
+from anomalib_lite.engine.checkpoint import read_checkpoint
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.train import run
 

@@ -88,6 +88,8 @@ def test_bad_memory_settings_are_refused() -> None:
         MemAEMemory(4, 3, similarity="euclid")
     with pytest.raises(UserInputError, match="shrink_threshold"):
         MemAEMemory(4, 3, shrink_threshold=1.5)
+    with pytest.raises(UserInputError, match=r"^method.num_items=1: must be an integer at least 2$"):
+        MNADMemory(1, 3)
 
 
 def test_memae_loss_is_mse_plus_weighted_entropy() -> None:

@@ -269,7 +269,7 @@ def test_empty_defect_masks_are_counted_and_pixel_metrics_say_why(tmp_path: Path
 
 
 def test_images_differing_only_by_extension_get_a_heatmap_each(tiny_category: Path) -> None:
-    from anomalib_lite.callbacks.heatmaps import heatmap_name
+    from anomalib_lite.visualization import heatmap_name
 
     png = tiny_category / "test" / "good" / "000.png"
     shutil.copy(png, png.with_suffix(".jpg"))

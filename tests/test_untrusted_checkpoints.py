@@ -15,7 +15,7 @@ import torch
 from conftest import TINY_DATA, Payload, compose_config
 
 from anomalib_lite import predict
-from anomalib_lite.checkpoint import load_model, read_checkpoint
+from anomalib_lite.engine.checkpoint import load_model, read_checkpoint
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.train import run
 

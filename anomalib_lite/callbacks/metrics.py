@@ -13,9 +13,10 @@ import torch
 
 from anomalib_lite.callbacks.reporting import ReportingCallback
 from anomalib_lite.data.batch import Batch
+from anomalib_lite.data.datamodule import AnomalyDataModule
+from anomalib_lite.engine import AnomalyModule, PredictionCollector
 from anomalib_lite.metrics import compute_metrics
-from anomalib_lite.models.components import AnomalyModule, AnomalyOutput
-from anomalib_lite.utils.distributed import gather_samples
+from anomalib_lite.models.components import AnomalyOutput
 
 log = logging.getLogger(__name__)
 
@@ -32,46 +33,39 @@ class AnomalyMetrics(ReportingCallback):
         self.fpr_limit = fpr_limit
         self.predictions_file = Path(predictions_file) if predictions_file else None
         self.results: dict[str, Any] = {}
-        self._rows: dict[str, list[torch.Tensor]] = {}
+        self._predictions = PredictionCollector()
 
     def report(self) -> dict[str, Any]:
         return dict(self.results)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
-        self._rows = {key: [] for key in ("score", "map", "mask", "label", "has_mask", "index")}
+        self._predictions.reset()
 
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: AnomalyModule, outputs: AnomalyOutput, batch: Batch, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        rows = self._rows
-        rows["score"].append(outputs.pred_score.detach().float().cpu())
-        rows["map"].append(outputs.anomaly_map.detach().float().cpu())
-        rows["mask"].append(batch.mask.cpu().to(torch.uint8))
-        rows["label"].append(batch.label.cpu())
-        rows["has_mask"].append(batch.has_mask.cpu())
-        rows["index"].append(batch.index.cpu())
+        self._predictions.add(outputs, batch)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: AnomalyModule) -> None:
         start = time.perf_counter()
-        index = torch.cat(self._rows.pop("index"))
-        gathered = gather_samples(pl_module, {k: torch.cat(v) for k, v in self._rows.items()}, index, keep_index=True)
-        self._rows = {}
+        gathered = self._predictions.gather(pl_module)
         with_masks = bool(gathered["has_mask"].all())
-        threshold = float(pl_module.image_threshold)
+        threshold = float(pl_module.post_processor.image_threshold)
         self.results = compute_metrics(
             gathered["score"], gathered["label"],
             gathered["map"] if with_masks else None, gathered["mask"] if with_masks else None,
             fpr_limit=self.fpr_limit, image_threshold=threshold,
         )
         self.results["num_test_images"] = int(gathered["label"].numel())
+        datamodule = trainer.datamodule
         if self.results["pixel_auroc"] is None:
             # Say why, in metrics.json and the run's summary.
-            note = getattr(trainer.datamodule, "pixel_metrics_note", lambda: None)()
+            note = datamodule.pixel_metrics_note() if isinstance(datamodule, AnomalyDataModule) else None
             self.results["pixel_metrics_note"] = note or "no pixel metrics: the test masks hold no defect pixel"
-        if self.predictions_file is not None and trainer.is_global_zero:
+        if self.predictions_file is not None and trainer.is_global_zero and isinstance(datamodule, AnomalyDataModule):
             # Paths by dataset index: rank 0 writes every rank's rows under DDP.
-            self._write_predictions(gathered, trainer.datamodule.test_samples, threshold)
+            self._write_predictions(gathered, datamodule.test_samples, threshold)
         numbers = {k: float(v) for k, v in self.results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         pl_module.log_dict(numbers, sync_dist=False)  # the notes (text) go to metrics.json only
         self.results["metrics_seconds"] = round(time.perf_counter() - start, 3)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any, TypeVar
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm.auto import tqdm
 
+from anomalib_lite.engine.progress import PassTracker
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Progress(TQDMProgressBar):
+class Progress(TQDMProgressBar, PassTracker):
     """`mode`: "bar" (tqdm), "lines" (a log line every `interval` seconds and at the end of each
     stage, with the epoch's mean training loss), or "auto": a bar when stdout is a terminal.
 
@@ -57,7 +59,7 @@ class Progress(TQDMProgressBar):
         """Progress of a pass outside Lightning's loops (statistics over the training images,
         calibration, embedding): a bar, or timed lines closed by one when any was written (short
         passes stay quiet)."""
-        total = len(batches) if hasattr(batches, "__len__") else None
+        total = len(batches) if isinstance(batches, Sized) else None
         if not self.lines:
             yield from tqdm(batches, desc=what, total=total, leave=False, disable=self.is_disabled, file=sys.stdout)
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import lightning as L
 import torch
@@ -12,11 +12,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from anomalib_lite.data.batch import collate_items
 from anomalib_lite.data.image_io import DataReport, check_files
-from anomalib_lite.data.protocols import Protocol, RandomRotationCrop, check_protocol
+from anomalib_lite.data.protocols import Protocol, RandomRotationCrop
 from anomalib_lite.data.samples import AnomalyDataset, ImageResize, Sample, list_images
 from anomalib_lite.data.validation import ValidationSet
 from anomalib_lite.errors import UserInputError
-from anomalib_lite.schema import Fraction, NonNegative, NonNegativeInt, PositiveInt, Size
+from anomalib_lite.schema import Fraction, NonNegative, NonNegativeInt, PositiveInt, Size, check_arguments
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,16 @@ class AnomalyDataModule(L.LightningDataModule):
     (`labelled_dataloader()`); they are never tested on. A method that does not learn from them
     (`AnomalyModule.uses_labelled_anomalies`) still loses them from its test set, so its numbers
     compare with the semi-supervised ones.
-    Whether the training images are shuffled is the method's call (`AnomalyModule.train_shuffle`).
+    Whether the training images are shuffled is the method's call: the run sets `train_shuffle`
+    from `AnomalyModule.train_shuffle` (the data layer knows no model).
     Subclasses implement `scan()` returning (normal training samples, test samples).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AnomalyDataModule:
+        # The settings against the signatures' declared types and bounds (the config's check, for
+        # Python too), before any constructor runs.
+        check_arguments(cls, kwargs, "dataset")
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -63,7 +70,6 @@ class AnomalyDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.resize = ImageResize(image_size, crop_size)
-        check_protocol(protocol)
         self.protocol = protocol
         # The data sets' resize and per-image geometry. RdMVTec ("rd") replaces the centre crop by a
         # rotation and a random crop per image; the model's own resize (`self.resize`, what a
@@ -78,17 +84,10 @@ class AnomalyDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        if not 0 < val_ratio < 1:
-            raise UserInputError(
-                f"dataset.val_ratio must be in (0, 1), got {val_ratio}: thresholds are fitted on held-out normal images"
-            )
         self.val_ratio = val_ratio
-        if num_shots is not None and num_shots < 1:
-            raise UserInputError(f"dataset.num_shots must be a positive number of images (or null), got {num_shots}")
         self.num_shots = num_shots
-        if num_labelled_anomalies < 0:
-            raise UserInputError(f"dataset.num_labelled_anomalies must be 0 or more, got {num_labelled_anomalies}")
         self.num_labelled_anomalies = num_labelled_anomalies
+        self.train_shuffle = True
         self.labelled_samples: list[Sample] = []
         self.seed = seed
         self.val_synthesis = dict(val_synthesis) if val_synthesis is not None else None
@@ -238,17 +237,9 @@ class AnomalyDataModule(L.LightningDataModule):
             persistent_workers=False,
         )
 
-    def _train_shuffle(self) -> bool:
-        from anomalib_lite.models.components.anomaly_module import (
-            AnomalyModule,  # the data layer imports no model
-        )
-
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return module.train_shuffle if isinstance(module, AnomalyModule) else True
-
     def train_dataloader(self) -> DataLoader:
         dataset = AnomalyDataset(self.train_samples, self.dataset_resize, geometry=self.geometry)
-        return self._loader(dataset, self.batch_size, self._train_shuffle())
+        return self._loader(dataset, self.batch_size, self.train_shuffle)
 
     def val_dataloader(self) -> DataLoader:
         # In-process: the set is small and its decoded images are cached across epochs.

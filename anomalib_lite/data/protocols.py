@@ -19,7 +19,6 @@ from kornia.geometry.transform import rotate
 from anomalib_lite.errors import UserInputError
 
 Protocol = Literal["aligned", "rd"]
-PROTOCOLS = ("aligned", "rd")
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,3 @@ class RandomRotationCrop:
     def mask(self, mask: torch.Tensor, key: str) -> torch.Tensor:
         """H x W 0/1 mask -> h x w, rotated (nearest) and cropped exactly as its image."""
         return self._apply(mask.unsqueeze(0), key, "nearest")[0]
-
-
-def check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise UserInputError(f"dataset.protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")

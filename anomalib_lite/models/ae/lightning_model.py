@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.ae.torch_model import AutoencoderModel
-from anomalib_lite.models.components import TrainedModule
 
 
 class Autoencoder(TrainedModule):

@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from anomalib_lite.data.batch import Batch
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.anogan.torch_model import AnoGanModel
-from anomalib_lite.models.components import TrainedModule
 
 
 class AnoGan(TrainedModule):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalib_lite.data.batch import Batch
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.cflow.torch_model import CflowModel
-from anomalib_lite.models.components import TrainedModule
 
 
 class Cflow(TrainedModule):

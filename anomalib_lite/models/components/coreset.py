@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from anomalib_lite.errors import UserInputError
-from anomalib_lite.schema import PositiveInt, Range
+from anomalib_lite.schema import PositiveInt, Range, check_arguments
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,9 @@ def greedy_coreset(
     which does not fit in the CPU cache), and gives the same greedy sequence as the unrestricted
     loop. While more than `dense_fraction` of the points are in reach (the first steps), a plain
     pass over all of them is cheaper than gathering them, and is used instead.
+
+    The package's one function over 80 lines, on purpose: a hot loop whose preallocated buffers
+    every step shares, kept in one piece so it reads as the algorithm it is.
     """
     if features.ndim != 2:
         raise ValueError(f"features must be N x D, got shape {tuple(features.shape)}")
@@ -167,8 +169,8 @@ class GreedyCoresetSampler:
         self, ratio: Annotated[float, Range(0, 1, low_open=True)] = 0.1, projection_dim: PositiveInt | None = 128, seed: int = 0,
         progress: bool = True, report_coverage: bool = False,
     ) -> None:
-        if not 0 < ratio <= 1:
-            raise UserInputError(f"the coreset ratio must be in (0, 1], got {ratio}")
+        # The declared bounds, also when the sampler is built in Python rather than from a config.
+        check_arguments(GreedyCoresetSampler, {"ratio": ratio, "projection_dim": projection_dim}, "coreset_sampler")
         self.ratio = ratio
         self.projection_dim = projection_dim
         self.seed = seed

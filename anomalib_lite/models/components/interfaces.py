@@ -1,6 +1,6 @@
 """What a method's plain torch model offers the framework: the three kinds of model, as ABCs.
 
-A method's `torch_model.py` subclasses one of them; its LightningModule (`anomaly_module.py`)
+A method's `torch_model.py` subclasses one of them; its LightningModule (`anomalib_lite.engine`)
 then only calls these methods, so nothing is found by attribute name.
 """
 

@@ -8,14 +8,15 @@ shrinkage, so an anomalous query is rebuilt from normal prototypes.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_lite.errors import UserInputError
+from anomalib_lite.schema import PositiveInt, Range, check_arguments
 
-SIMILARITIES = ("dot", "cosine")
+Similarity = Literal["dot", "cosine"]
 
 
 def hard_shrink(weights: torch.Tensor, threshold: float, eps: float = 1e-12) -> torch.Tensor:
@@ -38,13 +39,11 @@ class MemAEMemory(nn.Module):
     """
 
     def __init__(
-        self, num_items: int, channels: int, shrink_threshold: float = 0.0025, similarity: str = "dot"
+        self, num_items: PositiveInt, channels: PositiveInt, shrink_threshold: Annotated[float, Range(0, 1, high_open=True)] = 0.0025,
+        similarity: Similarity = "dot",
     ) -> None:
         super().__init__()
-        if similarity not in SIMILARITIES:
-            raise UserInputError(f"method.similarity must be one of {SIMILARITIES}, got {similarity}")
-        if not 0 <= shrink_threshold < 1:
-            raise UserInputError(f"method.shrink_threshold must be in [0, 1), got {shrink_threshold}")
+        check_arguments(MemAEMemory, {"shrink_threshold": shrink_threshold, "similarity": similarity}, "method")
         bound = 1 / math.sqrt(channels)  # the authors' uniform initialisation
         self.items = nn.Parameter(torch.empty(num_items, channels).uniform_(-bound, bound))
         self.shrink_threshold = shrink_threshold
@@ -87,10 +86,11 @@ class MNADMemory(nn.Module):
     `queries` are N x C rows (flattened positions), already L2-normalised.
     """
 
-    def __init__(self, num_items: int = 10, channels: int = 512, margin: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self, num_items: Annotated[int, Range(low=2)] = 10, channels: PositiveInt = 512, margin: float = 1.0, seed: int = 0
+    ) -> None:
         super().__init__()
-        if num_items < 2:
-            raise UserInputError(f"method.num_items must be at least 2 (separateness needs a second item), got {num_items}")
+        check_arguments(MNADMemory, {"num_items": num_items}, "method")  # separateness needs a second item
         items = torch.rand(num_items, channels, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("items", F.normalize(items, dim=1))  # the authors' start: normalised U(0, 1)
         self.margin = margin

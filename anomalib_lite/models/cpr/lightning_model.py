@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.models.components import SynthesisTrainedModule
+from anomalib_lite.engine import SynthesisTrainedModule
 from anomalib_lite.models.cpr.torch_model import CprModel, photometric_jitter, sampling_weights
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.cs_flow.torch_model import CsFlowModel
 
 

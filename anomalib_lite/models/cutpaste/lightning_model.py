@@ -13,7 +13,7 @@ import torch
 
 from anomalib_lite.data.anomaly_synthesis import CutPasteSynthesizer
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.cutpaste.torch_model import CutPasteModel
 
 

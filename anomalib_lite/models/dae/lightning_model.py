@@ -6,15 +6,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from anomalib_lite.data.anomaly_synthesis import PerlinSynthesizer
 from anomalib_lite.data.batch import Batch
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.errors import UserInputError
-from anomalib_lite.models.components import TrainedModule
 from anomalib_lite.models.dae.torch_model import DenoisingAutoencoderModel
+from anomalib_lite.schema import NonNegative
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,13 @@ class DenoisingAutoencoder(TrainedModule):
 
     def __init__(
         self,
-        noise_std: float = 0.1,
+        noise_std: Annotated[float, NonNegative] = 0.1,
         synthetic_anomalies: bool = False,
         anomaly_source: str | None = None,
         synthesis: Mapping[str, Any] | None = None,
         corruption_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        if noise_std < 0:
-            raise UserInputError(f"method.noise_std must be at least 0, got {noise_std}")
         if noise_std == 0 and not synthetic_anomalies:
             raise UserInputError("a denoising autoencoder needs a corruption: method.noise_std > 0 or method.synthetic_anomalies=true")
         super().__init__(**kwargs)

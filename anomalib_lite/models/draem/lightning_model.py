@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.models.components import SynthesisTrainedModule
+from anomalib_lite.engine import SynthesisTrainedModule
 from anomalib_lite.models.draem.torch_model import DraemModel
 
 

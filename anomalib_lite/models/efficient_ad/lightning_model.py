@@ -15,7 +15,7 @@ import torch
 
 from anomalib_lite.data.anomaly_sources import anomaly_source
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.efficient_ad.teacher import load_or_distill_teacher
 from anomalib_lite.models.efficient_ad.torch_model import EfficientAdModel
 

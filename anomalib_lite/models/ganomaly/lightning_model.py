@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.ganomaly.torch_model import GanomalyModel
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.memae.torch_model import MemAEModel
 
 

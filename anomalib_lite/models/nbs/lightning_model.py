@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.errors import UserInputError
-from anomalib_lite.models.components import SynthesisTrainedModule
+from anomalib_lite.engine import SynthesisTrainedModule
+from anomalib_lite.models.nbs.episode import Episode
 from anomalib_lite.models.nbs.torch_model import (
     NbsModel,
     balanced_bce,
@@ -36,6 +36,7 @@ from anomalib_lite.models.nbs.torch_model import (
     log_profile,
     squared_error_map,
 )
+from anomalib_lite.schema import PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,12 @@ class Nbs(SynthesisTrainedModule):
 
     def __init__(
         self,
-        episode_steps: int = 20,
-        patches_per_step: int = 16,
-        synthetic_labelled: int = 8,
+        episode_steps: PositiveInt = 20,
+        patches_per_step: PositiveInt = 16,
+        synthetic_labelled: PositiveInt = 8,
         baseline_momentum: float = 0.9,
         **kwargs: Any,
     ) -> None:
-        for name, value in (("episode_steps", episode_steps), ("patches_per_step", patches_per_step)):
-            if value < 1:
-                raise UserInputError(f"method.{name} must be at least 1, got {value}")
-        if synthetic_labelled < 1:
-            raise UserInputError(f"method.synthetic_labelled must be at least 1, got {synthetic_labelled}")
         super().__init__(**kwargs)
         self.automatic_optimization = False
         self.episode_steps, self.patches_per_step = episode_steps, patches_per_step
@@ -72,7 +68,7 @@ class Nbs(SynthesisTrainedModule):
         self.held_out_images, self.held_out_index = torch.zeros(0), torch.zeros(0, dtype=torch.long)
         self.baseline: float | None = None
         self.episodes_done = 0
-        self._reset_episode_state()
+        self.episode = Episode(self.model.history, self.model.grid)
 
     def parameter_groups(self) -> dict[str, Iterable[nn.Parameter]]:
         model = self.model
@@ -113,16 +109,8 @@ class Nbs(SynthesisTrainedModule):
         self.held_out_index = torch.cat(indices)[:count].to(self.device)
 
     # -- episodes ---------------------------------------------------------------------------------
-    def _reset_episode_state(self) -> None:
-        self.step_in_episode = 0
-        self.log_probs: list[torch.Tensor] = []
-        self.labelled_maps: list[torch.Tensor] = []
-        self.autoencoder_states: list[dict[str, torch.Tensor]] = []
-        self.visits: dict[int, torch.Tensor] = {}
-        self.cell_loss: dict[int, torch.Tensor] = {}
-
     def _start_episode(self) -> None:
-        self._reset_episode_state()
+        self.episode = Episode(self.model.history, self.model.grid)
         self.model.reset_autoencoder()
         self.optimizer("autoencoder").optimizer.state.clear()  # Adam's moments belong to the old weights
         if len(self.held_out_images):
@@ -131,49 +119,44 @@ class Nbs(SynthesisTrainedModule):
     def _finish_episode(self, predictor_loss: float) -> None:
         reward = -predictor_loss
         baseline = reward if self.baseline is None else self.baseline
-        if self.log_probs:
-            policy_loss = -(reward - baseline) * torch.stack(self.log_probs).sum()
+        if self.episode.log_probs:
+            policy_loss = -(reward - baseline) * torch.stack(self.episode.log_probs).sum()
             self.step(self.optimizer("sampler"), policy_loss)
         self.baseline = self.baseline_momentum * baseline + (1 - self.baseline_momentum) * reward
-        self.model.keep_snapshots(self.autoencoder_states)
+        self.model.keep_snapshots(self.episode.autoencoder_states)
         self.episodes_done += 1
         self.log("train_reward", reward, on_step=False, on_epoch=True, batch_size=1)
         self._start_episode()
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
-        model, images = self.model, batch.image
+        model, images, episode = self.model, batch.image, self.episode
         model.check_size(images)
         index = batch.index.tolist()
-        grid = model.grid
         with torch.no_grad():
             model.autoencoder.eval()
             cell_loss = model.cell_log_loss(squared_error_map(model.autoencoder, images))
-            previous = torch.stack([self.cell_loss.get(i, loss) for i, loss in zip(index, cell_loss)])
-            visits = torch.stack([self.visits.get(i, torch.zeros(grid, grid, device=self.device)) for i in index])
+            previous = episode.earlier_cell_loss(index, cell_loss)
+            visits = episode.visit_counts(index, self.device)
         logits = model.sampler(model.cell_states(cell_loss, previous, visits))
         held_out = torch.isin(batch.index.to(self.device), self.held_out_index)
         autoencoder_loss = None
         if not bool(held_out.all()):
             cells, log_prob = draw_cells(logits, self.patches_per_step, held_out)
-            self.log_probs.append(log_prob)
+            episode.log_probs.append(log_prob)
             jitter = torch.rand(len(cells), 2, device=self.device) - 0.5
-            patches = cell_crops(images, cells, grid, model.patch_size, jitter)
+            patches = cell_crops(images, cells, model.grid, model.patch_size, jitter)
             model.autoencoder.train()
             autoencoder_loss = model.patch_loss(patches)
             self.step(self.optimizer("autoencoder"), autoencoder_loss)
-            for b, row, column in cells.tolist():
-                key = index[b]
-                self.visits.setdefault(key, torch.zeros(grid, grid, device=self.device))[row, column] += 1
-        for i, loss in zip(index, cell_loss):
-            self.cell_loss[i] = loss
+            episode.record_draws(index, cells, self.device)
+        episode.remember_losses(index, cell_loss)
 
         # The labelled images' loss maps under the updated autoencoder: the FIFO of profiles.
         with torch.no_grad():
             model.autoencoder.eval()
-            self.labelled_maps = [*self.labelled_maps, squared_error_map(model.autoencoder, self.labelled_images)][-model.history:]
             state = {key: value.detach().clone() for key, value in model.autoencoder.state_dict().items()}
-            self.autoencoder_states = [*self.autoencoder_states, state][-model.history:]
-        predictor_loss = balanced_bce(model.predictor(log_profile(self.labelled_maps, model.history)), self.labelled_masks)
+            episode.remember_step(squared_error_map(model.autoencoder, self.labelled_images), state)
+        predictor_loss = balanced_bce(model.predictor(log_profile(episode.labelled_maps, model.history)), self.labelled_masks)
         self.step(self.optimizer("predictor"), predictor_loss)
         self.step_schedulers("step")
 
@@ -181,12 +164,12 @@ class Nbs(SynthesisTrainedModule):
         if autoencoder_loss is not None:
             self.log("train_loss", autoencoder_loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
         self.log("train_predictor_loss", predictor_loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=size)
-        self.step_in_episode += 1
-        if self.step_in_episode >= self.episode_steps:
+        episode.steps += 1
+        if episode.steps >= self.episode_steps:
             self._finish_episode(float(predictor_loss.detach()))
 
     def on_validation_epoch_start(self) -> None:
         # Before the first episode has finished, score with the states the current one has.
-        if self.episodes_done == 0 and self.autoencoder_states and not self.trainer.sanity_checking:
-            self.model.keep_snapshots(self.autoencoder_states)
+        if self.episodes_done == 0 and self.episode.autoencoder_states and not self.trainer.sanity_checking:
+            self.model.keep_snapshots(self.episode.autoencoder_states)
         super().on_validation_epoch_start()

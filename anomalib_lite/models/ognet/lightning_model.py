@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.errors import UserInputError
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.ognet.torch_model import OgnetModel
+from anomalib_lite.schema import Fraction, PositiveInt
 
 
 class Ognet(TrainedModule):
@@ -27,12 +27,9 @@ class Ognet(TrainedModule):
     ddp_find_unused_parameters = True  # phase two leaves the generator unused
 
     def __init__(
-        self, old_fraction: float = 0.6, phase_two_steps: int = 75, phase_two_lr: float = 5e-5, **kwargs: Any
+        self, old_fraction: Annotated[float, Fraction] = 0.6, phase_two_steps: PositiveInt = 75, phase_two_lr: float = 5e-5,
+        **kwargs: Any,
     ) -> None:
-        if not 0 < old_fraction < 1:
-            raise UserInputError(f"method.old_fraction must be in (0, 1): G_old is an earlier G, got {old_fraction}")
-        if phase_two_steps < 1:
-            raise UserInputError(f"method.phase_two_steps must be at least 1 (phase two makes the scorer), got {phase_two_steps}")
         super().__init__(**kwargs)
         self.old_fraction = old_fraction
         self.phase_two_steps = phase_two_steps
@@ -72,8 +69,7 @@ class Ognet(TrainedModule):
             group["lr"] = self.phase_two_lr
         losses = []
         batches = itertools.islice(itertools.cycle(self.trainer.train_dataloader), self.phase_two_steps)
-        progress = getattr(self._trainer, "progress_bar_callback", None) if self.global_rank == 0 else None
-        for batch in progress.track(batches, "OGNet phase two") if hasattr(progress, "track") else batches:
+        for batch in self.track(batches, "OGNet phase two"):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             loss = self.model.phase_two_loss(batch.image)
             self.step(optimizer, loss)

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from anomalib_lite.models.components import MemoryBankModule
+from anomalib_lite.engine import MemoryBankModule
 from anomalib_lite.models.padim.torch_model import PadimModel
 
 log = logging.getLogger(__name__)

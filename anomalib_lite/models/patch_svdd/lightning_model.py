@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.patch_svdd.torch_model import PatchSvddModel
 from anomalib_lite.schema import PositiveInt
 

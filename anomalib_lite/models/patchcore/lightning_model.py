@@ -7,7 +7,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from anomalib_lite.models.components import MemoryBankModule
+from anomalib_lite.engine import MemoryBankModule
 from anomalib_lite.models.patchcore.torch_model import PatchcoreModel
 
 

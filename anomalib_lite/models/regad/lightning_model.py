@@ -8,10 +8,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from anomalib_lite.errors import UserInputError
-from anomalib_lite.models.components import MemoryBankModule
+from anomalib_lite.engine import MemoryBankModule
 from anomalib_lite.models.regad.registration import load_or_train_registration
 from anomalib_lite.models.regad.torch_model import NUM_SUPPORT_VIEWS, RegadModel
+from anomalib_lite.schema import PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,7 @@ class Regad(MemoryBankModule):
     model_class = RegadModel
     model: RegadModel
 
-    def __init__(self, epochs: int, registration: Mapping[str, Any], **kwargs: Any) -> None:
-        if epochs < 1:
-            raise UserInputError(f"method.epochs (of the registration training) must be at least 1, got {epochs}")
+    def __init__(self, epochs: PositiveInt, registration: Mapping[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.epochs = epochs
         self.registration_settings = dict(registration)

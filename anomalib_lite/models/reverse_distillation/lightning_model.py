@@ -3,7 +3,7 @@ trains the bottleneck embedding and the decoder (the encoder is frozen)."""
 
 from __future__ import annotations
 
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.reverse_distillation.torch_model import ReverseDistillationModel
 
 

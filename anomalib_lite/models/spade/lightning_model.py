@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from anomalib_lite.models.components import Embeddings, MemoryBankModule
+from anomalib_lite.engine import MemoryBankModule
+from anomalib_lite.models.components import Embeddings
 from anomalib_lite.models.spade.torch_model import SpadeModel
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch
 
 from anomalib_lite.data.anomaly_synthesis import CutBlendSynthesizer
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.ss_flow.torch_model import SsFlowModel
 
 

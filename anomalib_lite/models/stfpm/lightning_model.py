@@ -3,7 +3,7 @@ lowest loss on the held-out normal images is kept (as the authors' code does).""
 
 from __future__ import annotations
 
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.stfpm.torch_model import StfpmModel
 
 

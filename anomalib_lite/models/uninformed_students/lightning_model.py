@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.uninformed_students.teacher import load_or_distill_teachers
 from anomalib_lite.models.uninformed_students.torch_model import UninformedStudentsModel
 

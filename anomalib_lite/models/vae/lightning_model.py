@@ -15,7 +15,7 @@ import kornia.augmentation as K
 import torch
 
 from anomalib_lite.data.batch import Batch
-from anomalib_lite.models.components import TrainedModule
+from anomalib_lite.engine import TrainedModule
 from anomalib_lite.models.vae.torch_model import VaeModel
 
 

@@ -26,11 +26,12 @@ from hydra.utils import get_class, instantiate
 
 from anomalib_lite.data import AnomalyDataModule
 from anomalib_lite.data.samples import ImageResize
+from anomalib_lite.engine.module import AnomalyModule
+from anomalib_lite.engine.trained import CHECKPOINT_DIR
 from anomalib_lite.errors import UserInputError, one_line
-from anomalib_lite.models.components import AnomalyModule
 from anomalib_lite.utils.data_only import load_data_only
 
-CHECKPOINT_NAME = "checkpoints/model.ckpt"  # where a run keeps its model (train.py)
+CHECKPOINT_NAME = f"{CHECKPOINT_DIR}/model.ckpt"  # where a run keeps its model (written by train.py)
 # Packages whose classes a checkpoint may name as its method; a user's own method package is
 # trusted by passing its name (`trusted_packages`, predict's --trust-package).
 METHOD_PACKAGES = ("anomalib_lite",)
@@ -146,7 +147,7 @@ def load_model(
         raise UserInputError(f"{path} does not fit its method {class_path}: {one_line(str(error))}") from None
     if preprocessing is not None:
         model.image_resize = ImageResize(**preprocessing)
-    if torch.isnan(model.image_threshold):
+    if not model.post_processor.is_fitted:
         raise UserInputError(f"{path} holds no fitted thresholds: it was saved before validation finished")
     return model.to(map_location).eval()
 
