@@ -29,7 +29,7 @@ $(VENV)/bin/python:
 
 $(STAMP): pyproject.toml | $(VENV_PYTHON)
 	@echo "make: installing anomalib-lite and its dependencies into $(PYTHON) (first time: torch and the rest may download for several minutes)"
-	$(PIP) install -e '.[dev,offline]' 2>&1 | grep -E --line-buffered '^(Collecting|Downloading|Installing|Successfully|ERROR|error)' || test $${PIPESTATUS[0]} -eq 0
+	$(PIP) install -e '.[dev,offline,export]' 2>&1 | grep -E --line-buffered '^(Collecting|Downloading|Installing|Successfully|ERROR|error)' || test $${PIPESTATUS[0]} -eq 0
 	echo $(PYTHON) > $(STAMP)
 
 install: $(STAMP)

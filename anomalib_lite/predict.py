@@ -8,6 +8,10 @@ read as in training (`data.image_io`), so a run's test images score exactly as i
 predictions.csv. Writes DIR/predictions.csv (image, folder, score, verdict) and DIR/heatmaps/
 (input | anomaly map, verdict in the header); DIR defaults to <run>/predict/<images folder name>.
 
+Given an export folder (`anomalib-lite-export`) instead of a run, the artefact scores the images with
+its own runtime (ONNX Runtime, OpenVINO, TorchScript); neither Lightning nor the method's code is
+imported. Files are read as the run reads them and given to it as 8-bit RGB.
+
 From Python: `load_model(run_dir_or_checkpoint)` returns the method in eval mode; calling it on a
 B x 3 x H x W tensor (uint8, or float in [0, 1], any size) preprocesses as the run did.
 """
@@ -24,24 +28,29 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from anomalib_lite.commands import add_trust_package, parse_and_run
 from anomalib_lite.data.batch import Batch, collate_items
 from anomalib_lite.data.samples import (
     IMAGE_EXTENSIONS,
     AnomalyDataset,
+    ImageResize,
     Sample,
     check_file_name,
     is_image_file,
 )
-from anomalib_lite.engine import AnomalyModule
-from anomalib_lite.engine.checkpoint import find_checkpoint, load_model, run_dir_of
-from anomalib_lite.errors import Interrupted, UserInputError, find_user_error, one_line, stop_on_signals
+from anomalib_lite.errors import UserInputError
 from anomalib_lite.run_dir import OwnedFiles, check_writable
+from anomalib_lite.serve import ExportedModel, is_export, same_size_batches
 from anomalib_lite.visualization import heatmap_name, render_heatmap, save_atomically
+
+if TYPE_CHECKING:
+    from anomalib_lite.engine import AnomalyModule
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +75,62 @@ def list_image_files(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
     if not found:
         raise UserInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(map(str, paths))}")
     return found
+
+
+def load_model(checkpoint: str | Path, *args: Any, **kwargs: Any) -> AnomalyModule:
+    """`anomalib_lite.engine.checkpoint.load_model` (imported on call: an export's predict needs no
+    Lightning)."""
+    from anomalib_lite.engine.checkpoint import load_model as load
+
+    return load(checkpoint, *args, **kwargs)
+
+
+# One batch of scored images: (paths, the images as the model saw them (B x 3 x h x w float, for the
+# sheets), image scores (B), verdicts (B), maps on the heatmaps' [0, 1] scale (B x h x w)).
+Scored = tuple[list[Path], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class _RunScorer:
+    """A run's checkpoint, in this process (Lightning and the method's code)."""
+
+    def __init__(self, run: str, device: str, trusted_packages: Sequence[str]) -> None:
+        from anomalib_lite.engine.checkpoint import find_checkpoint, run_dir_of
+
+        self.source = find_checkpoint(run)
+        self.home = run_dir_of(self.source)
+        self.model = load_model(self.source, map_location=device, trusted_packages=trusted_packages)
+        post_processor = self.model.post_processor
+        self.threshold = float(post_processor.image_threshold)
+        self.scale = post_processor.colour_scale()
+        self.resize = self.model.image_resize.settings()
+
+    def batches(self, files: Sequence[Path], batch_size: int, workers: int) -> Iterator[Scored]:
+        post_processor = self.model.post_processor
+        for batch, scores, maps in predict_batches(self.model, files, batch_size, workers):
+            normalized = post_processor.normalize_anomaly_map(maps.to(self.model.device)).cpu()
+            yield [Path(p) for p in batch.image_path], batch.image, scores, scores > self.threshold, normalized
+
+
+class _ExportScorer:
+    """An export folder, with its own runtime: what its graph computes, verdicts included."""
+
+    def __init__(self, folder: str) -> None:
+        self.source = Path(folder)
+        self.home = self.source
+        self.model = ExportedModel(folder)
+        self.threshold = self.model.image_threshold
+        self.scale = self.model.colour_scale
+        self.resize = self.model.resize
+
+    def batches(self, files: Sequence[Path], batch_size: int, workers: int) -> Iterator[Scored]:
+        resize = ImageResize(**self.resize)
+        for paths, images in same_size_batches(files, batch_size):
+            outputs = self.model(images)
+            shown = resize.resize_batch(torch.from_numpy(images).float() / 255).clamp(0, 1)
+            yield (
+                paths, shown, torch.from_numpy(outputs["pred_score"]).float(), torch.from_numpy(outputs["pred_label"]).bool(),
+                torch.from_numpy(outputs["normalized_map"]).float(),
+            )
 
 
 def predict_batches(
@@ -139,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="anomalib-lite-predict", description="Score images with a finished run's model: predictions.csv and heatmaps."
     )
-    parser.add_argument("run", help="a finished run's folder (or its checkpoints/model.ckpt)")
+    parser.add_argument("run", help="a finished run's folder (or its checkpoints/model.ckpt), or an export folder")
     parser.add_argument("images", nargs="+", help="image folders (searched recursively) or files")
     parser.add_argument("--output", type=Path, help="where to write (default: <run>/predict/<first folder's name>)")
     parser.add_argument("--max-heatmaps", type=int, default=None, help="heatmaps to write (default: all; 0: none)")
@@ -147,24 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image reading processes")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace this command's earlier predictions in --output")
-    parser.add_argument(
-        "--trust-package", action="append", default=[], metavar="NAME",
-        help="a package of your own whose method classes the checkpoint may name (anomalib_lite's always may)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    try:
-        with stop_on_signals():
-            return _predict(args)
-    except Interrupted as interrupted:
-        print(f"anomalib-lite-predict: error: {interrupted}: predictions.csv was not written", file=sys.stderr, flush=True)
-        return interrupted.exit_code
-    except Exception as error:
-        user_error = find_user_error(error)
-        if user_error is None:
-            raise
-        print(f"anomalib-lite-predict: error: {one_line(str(user_error))}", file=sys.stderr, flush=True)
-        return UserInputError.exit_code
+    add_trust_package(parser)
+    return parse_and_run(parser, argv, _predict, ": predictions.csv was not written")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -172,9 +221,12 @@ def _predict(args: argparse.Namespace) -> int:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_heatmaps is not None and args.max_heatmaps < 0:
         raise UserInputError(f"--max-heatmaps must be 0 or more, got {args.max_heatmaps}")
-    device = resolve_device(args.device)
-    checkpoint = find_checkpoint(args.run)
-    output = args.output or run_dir_of(checkpoint) / "predict" / (Path(args.images[0]).resolve().name or "images")
+    scorer: _RunScorer | _ExportScorer
+    if is_export(args.run):
+        scorer = _ExportScorer(args.run)
+    else:
+        scorer = _RunScorer(args.run, resolve_device(args.device), args.trust_package)
+    output = args.output or scorer.home / "predict" / (Path(args.images[0]).resolve().name or "images")
     # Outputs are never inputs: this command's earlier files in --output (it may be the images folder) are left out.
     earlier = {(output / name).resolve() for name in OwnedFiles(output, PREDICT_RECORD).read() or []}
     files = [(f, folder) for f, folder in list_image_files(args.images) if f.resolve() not in earlier]
@@ -185,27 +237,18 @@ def _predict(args: argparse.Namespace) -> int:
     owned = _prepare_output(output, args.overwrite, heatmap_paths)
     # Listed before anything is written: a call that fails half-way still owns what it wrote.
     owned.write(["predictions.csv", *(p.relative_to(output).as_posix() for p in heatmap_paths)])
-    model = load_model(checkpoint, map_location=device, trusted_packages=args.trust_package)
-    post_processor = model.post_processor
-    threshold = float(post_processor.image_threshold)
-    scale = post_processor.colour_scale()
-    log.info(
-        "%s: %d images, resized as the run (%s), image threshold %.4g", checkpoint, len(files),
-        model.image_resize.settings(), threshold,
-    )
+    threshold, scale = scorer.threshold, scorer.scale
+    log.info("%s: %d images, resized as the run (%s), image threshold %.4g", scorer.source, len(files), scorer.resize, threshold)
     folders = dict(files)
     rows, pending = [], deque()
     start = time.perf_counter()
     with ThreadPoolExecutor(1, thread_name_prefix="heatmaps") as pool, tqdm(
         total=len(files), unit="img", disable=None, desc="predict"
     ) as bar:
-        batches = predict_batches(model, [f for f, _ in files], args.batch_size, args.workers)
-        for batch, scores, maps in batches:
-            normalized = post_processor.normalize_anomaly_map(maps.to(model.device)).cpu()
-            for i, image_path in enumerate(batch.image_path):
-                path = Path(image_path)
+        for paths, images, scores, verdicts, normalized in scorer.batches([f for f, _ in files], args.batch_size, args.workers):
+            for i, path in enumerate(paths):
                 folder, score = folders[path], float(scores[i])
-                anomalous = score > threshold
+                anomalous = bool(verdicts[i])
                 rows.append((str(path), folder, f"{score:.9g}", int(anomalous)))
                 if len(rows) <= max_heatmaps:
                     title = f"{folder}/{path.name}" if folder else path.name
@@ -213,8 +256,8 @@ def _predict(args: argparse.Namespace) -> int:
                     target = heatmap_paths[len(rows) - 1]
                     while len(pending) >= MAX_PENDING:
                         pending.popleft().result()  # re-raises a worker's error
-                    pending.append(pool.submit(_save_heatmap, batch.image[i], normalized[i], title, text, scale, anomalous, target))
-            bar.update(len(batch))
+                    pending.append(pool.submit(_save_heatmap, images[i], normalized[i], title, text, scale, anomalous, target))
+            bar.update(len(paths))
         for job in pending:
             job.result()
     seconds = time.perf_counter() - start

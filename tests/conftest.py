@@ -147,3 +147,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if group.endswith("test_end_to_end") and "method" in params:
             group = f"{group}.{params['method']}"  # no brackets: xdist reads a group only after the last "]"
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(scope="session")
+def resized_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """PatchCore on 128 px images, resized to 96 and cropped to 80 by the run (predict, export)."""
+    from anomalib_lite.train import run
+
+    out = tmp_path_factory.mktemp("resized_run")
+    run(compose_config([
+        *TINY_DATA, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", "method=patchcore",
+        "dataset.category=disc", "dataset.generated_size=128", "dataset.crop_size=80",
+    ]))
+    return out

@@ -160,3 +160,19 @@ def test_the_sheets_scale_reaches_up_to_the_test_maps(tmp_path: Path) -> None:
         scale=(0.0, 0.5, top), anomalous=bool(output.pred_score[1] > 0.5), top_source="the test maps",
     )
     assert np.array_equal(np.asarray(Image.open(tmp_path / "hole" / "001_png.png")), np.asarray(expected))
+
+
+@pytest.mark.parametrize("ceiling", [None, float("nan")])
+def test_the_post_processors_graph_form_gives_its_verdicts_and_normalised_maps(ceiling: float | None) -> None:
+    """`forward` (tensor operations only, what an exported model carries) equals `is_anomalous` and
+    `normalize_anomaly_map`, also for a checkpoint without a fitted top (the symmetric scale)."""
+    generator = torch.Generator().manual_seed(3)
+    maps = 4 * torch.rand(6, 8, 8, generator=generator)
+    post_processor = PostProcessor()
+    post_processor.fit(maps.flatten(1).amax(1), maps, torch.tensor([0, 0, 0, 1, 1, 1]))
+    if ceiling is not None:
+        post_processor.pixel_ceiling.fill_(ceiling)
+    scores = torch.linspace(0, 5, 6)
+    labels, normalized = post_processor(scores, maps * 1.5)
+    assert torch.equal(labels, post_processor.is_anomalous(scores)) and bool(labels.any()) and not bool(labels.all())
+    torch.testing.assert_close(normalized, post_processor.normalize_anomaly_map(maps * 1.5), rtol=0, atol=1e-6)

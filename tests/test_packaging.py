@@ -32,7 +32,13 @@ def test_the_wheel_holds_every_config_and_module(tmp_path: Path) -> None:
 def test_every_command_is_installed_and_answers(tmp_path: Path) -> None:
     """The commands a user types, as the install made them (not only `python -m`)."""
     bin_dir = Path(sys.executable).parent
-    for command in ("anomalib-lite", "anomalib-lite-predict", "anomalib-lite-collect"):
+    for command in ("anomalib-lite", "anomalib-lite-predict", "anomalib-lite-export", "anomalib-lite-collect"):
         assert (bin_dir / command).is_file(), f"{command} is not installed: pip install -e . (make install)"
     result = subprocess.run([str(bin_dir / "anomalib-lite-collect"), str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == f"collect: error: no metrics.json under {tmp_path}"
+    result = subprocess.run(
+        [str(bin_dir / "anomalib-lite-export"), str(tmp_path), "--format", "onnx", "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().endswith("holds no checkpoints/model.ckpt: give a finished run's folder or a .ckpt file")

@@ -14,24 +14,10 @@ from PIL import Image
 from anomalib_lite import predict
 from anomalib_lite.engine.checkpoint import read_checkpoint
 from anomalib_lite.errors import UserInputError
-from anomalib_lite.train import run
 
 
 def _run_scores(run_dir: Path) -> dict[str, float]:
     return {row["image_path"]: float(row["score"]) for row in csv.DictReader((run_dir / "predictions.csv").open())}
-
-
-@pytest.fixture(scope="module")
-def resized_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """PatchCore on 128 px images, resized to 96 and cropped to 80 by the run."""
-    from conftest import TINY_DATA, compose_config
-
-    out = tmp_path_factory.mktemp("resized_run")
-    run(compose_config([
-        *TINY_DATA, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}", "method=patchcore",
-        "dataset.category=disc", "dataset.generated_size=128", "dataset.crop_size=80",
-    ]))
-    return out
 
 
 def test_the_checkpoint_carries_the_resize_and_the_method(resized_run: Path) -> None:

@@ -1,16 +1,33 @@
 """Datasets: MVTec AD layout, BTAD, VisA and DAGM as published, a custom folder layout, and the
-built-in synthetic dataset."""
+built-in synthetic dataset.
 
-from anomalib_lite.data.anomaly_synthesis import CutBlendSynthesizer
-from anomalib_lite.data.batch import Batch, Item, collate_items
-from anomalib_lite.data.benchmark_layouts import BTADDataModule, DAGMDataModule, VisADataModule
-from anomalib_lite.data.datamodule import AnomalyDataModule, FolderDataModule, MVTecDataModule
-from anomalib_lite.data.samples import AnomalyDataset, Sample
-from anomalib_lite.data.synthetic import CATEGORIES, DEFECT_TYPES, SyntheticDataModule, generate_category
-from anomalib_lite.data.validation import ValidationSet
+The names below load on first use (PEP 562): reading images (`data.image_io`, `data.samples`)
+does not import Lightning, so a deployed model's predict runs without it.
+"""
 
-__all__ = [
-    "AnomalyDataModule", "AnomalyDataset", "BTADDataModule", "Batch", "DAGMDataModule", "CATEGORIES", "CutBlendSynthesizer", "DEFECT_TYPES",
-    "FolderDataModule", "Item", "MVTecDataModule", "Sample", "SyntheticDataModule", "ValidationSet", "VisADataModule",
-    "collate_items", "generate_category",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "CutBlendSynthesizer": "anomaly_synthesis",
+    "Batch": "batch", "Item": "batch", "collate_items": "batch",
+    "BTADDataModule": "benchmark_layouts", "DAGMDataModule": "benchmark_layouts", "VisADataModule": "benchmark_layouts",
+    "AnomalyDataModule": "datamodule", "FolderDataModule": "datamodule", "MVTecDataModule": "datamodule",
+    "AnomalyDataset": "samples", "Sample": "samples",
+    "CATEGORIES": "synthetic", "DEFECT_TYPES": "synthetic", "SyntheticDataModule": "synthetic", "generate_category": "synthetic",
+    "ValidationSet": "validation",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"anomalib_lite.data.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -62,6 +62,17 @@ class PostProcessor(nn.Module):
         symmetric scale (threshold + (threshold - floor)) it replaces."""
         self.pixel_ceiling.fill_(max(upper_quantile(validation_maps), float(2 * self.pixel_threshold - self.pixel_floor)))
 
+    def forward(self, pred_score: torch.Tensor, anomaly_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(verdicts, normalised maps) in tensor operations only, so an exported graph carries them:
+        `is_anomalous(pred_score)` and `normalize_anomaly_map(anomaly_map)`, with the same numbers."""
+        floor, threshold, ceiling = self.pixel_floor, self.pixel_threshold, self.pixel_ceiling
+        symmetric = 2 * threshold - floor
+        top = torch.where(torch.isnan(ceiling) | (ceiling <= threshold), symmetric, ceiling)
+        below = (anomaly_map - floor) / (threshold - floor).clamp_min(1e-12) * 0.5
+        above = 0.5 + (anomaly_map - threshold) / (top - threshold).clamp_min(1e-12) * 0.5
+        normalized = torch.where(anomaly_map <= threshold, below, above).clamp(0, 1)
+        return self.is_anomalous(pred_score), normalized
+
     def is_anomalous(self, scores: torch.Tensor) -> torch.Tensor:
         """The image verdicts: score above the image threshold."""
         return scores > self.image_threshold

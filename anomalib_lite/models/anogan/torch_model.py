@@ -38,6 +38,8 @@ class AnoGanModel(TrainableModel, Reconstructs):
     """`latent_channels`: the size of z (DCGAN's 100); `width`, `depth`: the DCGAN's first width and
     stride-2 stages; `residual_weight` is 1 - lambda (0.9); `search_steps`, `search_lr`: the latent search."""
 
+    not_exportable = "its score is a search: gradient steps on a latent code for every test image"
+
     def __init__(
         self,
         image_size: Size,

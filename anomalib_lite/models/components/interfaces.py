@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -17,7 +18,13 @@ from anomalib_lite.models.components.anomaly_map import AnomalyOutput
 
 
 class AnomalyModel(nn.Module, ABC):
-    """Every method in eval mode: B x 3 x H x W images in [0, 1] -> `AnomalyOutput` (score, map)."""
+    """Every method in eval mode: B x 3 x H x W images in [0, 1] -> `AnomalyOutput` (score, map).
+
+    `not_exportable`: why the model's scoring is not one fixed computation an exported graph can
+    hold (e.g. a search or gradients at test time), or None: it exports (`anomalib_lite.export`).
+    """
+
+    not_exportable: ClassVar[str | None] = None
 
     @abstractmethod
     def forward(self, images: torch.Tensor) -> AnomalyOutput: ...

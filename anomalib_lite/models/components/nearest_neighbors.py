@@ -22,8 +22,13 @@ def nearest_neighbors(
         raise ValueError(f"k={k} exceeds the memory bank size {bank.shape[0]}")
     bank_norms = bank.pow(2).sum(dim=1)
     all_distances, all_indices = [], []
-    for q_start in range(0, queries.shape[0], chunk_size):
-        query = queries[q_start : q_start + chunk_size]
+    # Traced or exported, the number of queries is the input's (any batch): one block of them; the
+    # loop over the bank (a constant) stays.
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        query_blocks = [queries]
+    else:
+        query_blocks = [queries[start : start + chunk_size] for start in range(0, queries.shape[0], chunk_size)]
+    for query in query_blocks:
         best_d = best_i = None
         for b_start in range(0, bank.shape[0], chunk_size):
             block = torch.addmm(bank_norms[b_start : b_start + chunk_size], query, bank[b_start : b_start + chunk_size].T, alpha=-2)

@@ -140,6 +140,16 @@ def region_min_distance(query: torch.Tensor, gallery: torch.Tensor, neighbours: 
     batch, _, height, width = query.shape
     radius = region // 2
     inside = F.pad(query.new_ones(height, width), (radius, radius, radius, radius)) > 0
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        # An exported graph takes any batch: the whole batch at once (the same sums, more memory).
+        padded = F.pad(gallery[neighbours].float(), (radius, radius, radius, radius))  # B x K x C x (h + 2r) x (w + 2r)
+        best = query.new_full((batch, height, width), float("inf"))
+        for dy in range(region):
+            for dx in range(region):
+                window = padded[..., dy : dy + height, dx : dx + width]
+                distance = 1 - torch.einsum("bchw,bkchw->bkhw", query.float(), window).amax(dim=1)
+                best = torch.where(inside[dy : dy + height, dx : dx + width], torch.minimum(best, distance), best)
+        return best
     best = query.new_full((batch, height, width), float("inf"))
     for index in range(batch):
         padded = F.pad(gallery[neighbours[index]].float(), (radius, radius, radius, radius))  # K x C x (h + 2r) x (w + 2r)

@@ -156,8 +156,10 @@ class CutPasteModel(TrainableModel, FittedOnEmbeddings):
     def _patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
         patches, ys, xs = self._patches(images)
         flat = patches.flatten(0, 1)
-        features = torch.cat([self.patch_net(chunk)[0] for chunk in flat.split(self.patch_chunk)])
-        return features.view(len(images), -1, features.shape[-1]), ys, xs
+        # Traced or exported, the number of patches is the input's (any batch): one chunk.
+        exporting = torch.jit.is_tracing() or torch.compiler.is_exporting()
+        features = torch.cat([self.patch_net(chunk)[0] for chunk in ([flat] if exporting else flat.split(self.patch_chunk))])
+        return features.view(images.shape[0], -1, features.shape[-1]), ys, xs
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """B x (1 + L) x D: the image's features, then those of its L patches (with localisation)."""
@@ -178,7 +180,7 @@ class CutPasteModel(TrainableModel, FittedOnEmbeddings):
         if not self.localization:
             return AnomalyOutput(scores, scores.view(-1, 1, 1).expand(-1, height, width).contiguous())
         features, ys, xs = self._patch_features(images)
-        patch_scores = self.patch_density(features).view(len(images), len(ys), len(xs))
+        patch_scores = self.patch_density(features).view(-1, len(ys), len(xs))
         patch_map = average_over_patches(patch_scores, (height, width), self.patch_size, ys, xs)
         anomaly_map = blur_anomaly_map(patch_map, self.map_sigma)
         return AnomalyOutput(scores, anomaly_map)

@@ -230,10 +230,9 @@ class EfficientAdModel(TrainableModel, PreparedOnTrainingImages, CalibratedOnNor
 
     def calibrated(self, maps: torch.Tensor) -> torch.Tensor:
         """Maps the calibration quantiles to 0 and 0.1 (raw maps until calibrated, as the authors' code)."""
-        if torch.isnan(self.map_quantiles).any():
-            return maps
         start, end = self.map_quantiles[:, 0].view(1, 2, 1, 1), self.map_quantiles[:, 1].view(1, 2, 1, 1)
-        return 0.1 * (maps - start) / (end - start).clamp_min(1e-12)
+        # A tensor choice, not an `if` on the buffer's values: an exported graph holds it.
+        return torch.where(torch.isnan(self.map_quantiles).any(), maps, 0.1 * (maps - start) / (end - start).clamp_min(1e-12))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         maps = self.calibration_maps(images)

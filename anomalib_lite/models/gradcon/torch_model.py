@@ -47,6 +47,8 @@ class GradConModel(TrainableModel, Reconstructs):
     """`widths`: the encoder's channels (the decoder mirrors them); `train_gradient_weight` (0.03)
     and `test_gradient_weight` (0.12): beta in training and in the score."""
 
+    not_exportable = "its score needs the gradients of the reconstruction loss of every test image"
+
     def __init__(
         self,
         widths: Sequence[int] = (32, 32, 64, 64),

@@ -118,7 +118,7 @@ class MnadModel(TrainableModel, CalibratedOnNormalImages, Reconstructs):
         reconstruction = (self.decode(queries) + 1) / 2
         error = (reconstruction - images).pow(2)
         psnr = 10 * torch.log10(1 / error.flatten(1).mean(1).clamp_min(1e-10))
-        return psnr, self.memory.distances(self.rows(queries), len(images)), error.mean(dim=1)
+        return psnr, self.memory.distances(self.rows(queries), images.shape[0]), error.mean(dim=1)
 
     def calibration_maps(self, images: torch.Tensor) -> torch.Tensor:
         psnr, distance, _ = self.psnr_and_distance(images)

@@ -165,7 +165,7 @@ class UninformedStudentsModel(TrainableModel, PreparedOnTrainingImages, Calibrat
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         maps = self.calibration_maps(images)
         statistics = self.score_statistics[self.scored_scales].view(-1, 2)
-        if not torch.isnan(statistics).any():
-            maps = (maps - statistics[:, 0].view(1, -1, 1, 1)) / statistics[:, 1].clamp_min(1e-12).view(1, -1, 1, 1)
-        anomaly_map = maps.view(len(images), len(self.scored_scales), 2, *maps.shape[-2:]).sum(dim=2).mean(dim=1)
+        standardised = (maps - statistics[:, 0].view(1, -1, 1, 1)) / statistics[:, 1].clamp_min(1e-12).view(1, -1, 1, 1)
+        maps = torch.where(torch.isnan(statistics).any(), maps, standardised)  # a tensor choice: exported graphs hold it
+        anomaly_map = maps.view(-1, len(self.scored_scales), 2, *maps.shape[-2:]).sum(dim=2).mean(dim=1)
         return AnomalyOutput(anomaly_map.flatten(1).amax(dim=1), anomaly_map)
