@@ -75,13 +75,14 @@ class ImageResize:
             image = image.crop((left, top, left + self.crop[1], top + self.crop[0]))
         return image
 
-    def resize_batch(self, images: torch.Tensor) -> torch.Tensor:
+    def resize_batch(self, images: torch.Tensor, always_resample: bool = False) -> torch.Tensor:
         """B x C x H x W float -> resized (antialiased bilinear, Pillow's filter) and cropped.
 
-        The one image resize: the data sets and the model's forward() both use it, so a picture
-        scores the same from an 8-bit file, a 16-bit file or a tensor.
+        The one image resize: the data sets, the model's forward() and an exported graph use it, so
+        a picture scores the same from an 8-bit file, a 16-bit file or a tensor. `always_resample`:
+        also at the target size (exact there), so a traced graph resizes every input size.
         """
-        if tuple(images.shape[-2:]) != self.size:
+        if always_resample or tuple(images.shape[-2:]) != self.size:
             images = F.interpolate(images, size=self.size, mode="bilinear", antialias=True, align_corners=False)
         if self.crop:
             top, left = (self.size[0] - self.crop[0]) // 2, (self.size[1] - self.crop[1]) // 2

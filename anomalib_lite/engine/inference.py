@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from anomalib_lite.data.samples import ImageResize
@@ -27,16 +26,11 @@ class InferenceModel(nn.Module):
         super().__init__()
         self.model = model
         self.post_processor = post_processor
-        self.size = resize.size
-        self.crop = resize.crop
+        self.resize = resize
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Always resized, even at the run's size (exact there): one graph for every input size.
-        pixels = F.interpolate(images.float() / 255, size=self.size, mode="bilinear", antialias=True, align_corners=False)
-        pixels = pixels.clamp(0, 1)  # as the data sets read files (`ImageResize.to_tensor`)
-        if self.crop:
-            top, left = (self.size[0] - self.crop[0]) // 2, (self.size[1] - self.crop[1]) // 2
-            pixels = pixels[..., top : top + self.crop[0], left : left + self.crop[1]]
+        # clamp: as the data sets read files (`ImageResize.to_tensor`).
+        pixels = self.resize.resize_batch(images.float() / 255, always_resample=True).clamp(0, 1)
         output = self.model(pixels)
         pred_label, normalized_map = self.post_processor(output.pred_score, output.anomaly_map)
         return output.pred_score, output.anomaly_map, pred_label, normalized_map

@@ -63,38 +63,33 @@ class PostProcessor(nn.Module):
         self.pixel_ceiling.fill_(max(upper_quantile(validation_maps), float(2 * self.pixel_threshold - self.pixel_floor)))
 
     def forward(self, pred_score: torch.Tensor, anomaly_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(verdicts, normalised maps) in tensor operations only, so an exported graph carries them:
-        `is_anomalous(pred_score)` and `normalize_anomaly_map(anomaly_map)`, with the same numbers."""
-        floor, threshold, ceiling = self.pixel_floor, self.pixel_threshold, self.pixel_ceiling
-        symmetric = 2 * threshold - floor
-        top = torch.where(torch.isnan(ceiling) | (ceiling <= threshold), symmetric, ceiling)
-        below = (anomaly_map - floor) / (threshold - floor).clamp_min(1e-12) * 0.5
-        above = 0.5 + (anomaly_map - threshold) / (top - threshold).clamp_min(1e-12) * 0.5
-        normalized = torch.where(anomaly_map <= threshold, below, above).clamp(0, 1)
-        return self.is_anomalous(pred_score), normalized
+        """(verdicts, normalised maps): `is_anomalous` and `normalize_anomaly_map`, in tensor
+        operations only, so an exported graph carries them."""
+        return self.is_anomalous(pred_score), self.normalize_anomaly_map(anomaly_map)
 
     def is_anomalous(self, scores: torch.Tensor) -> torch.Tensor:
         """The image verdicts: score above the image threshold."""
         return scores > self.image_threshold
 
+    def _top(self) -> torch.Tensor:
+        # Checkpoints from before the top was fitted: the symmetric scale, threshold + (threshold - floor).
+        ceiling, threshold = self.pixel_ceiling, self.pixel_threshold
+        return torch.where(torch.isnan(ceiling) | (ceiling <= threshold), 2 * threshold - self.pixel_floor, ceiling)
+
     def colour_scale(self) -> tuple[float, float, float]:
         """(bottom, middle = pixel threshold, top) of the heatmaps' colour scale, in the map's units."""
         if torch.isnan(self.pixel_threshold):
             raise RuntimeError("normalisation is not fitted: run validation before test")
-        floor, threshold = float(self.pixel_floor), float(self.pixel_threshold)
-        top = float(self.pixel_ceiling)
-        if math.isnan(top) or top <= threshold:  # checkpoints from before the top was fitted
-            top = 2 * threshold - floor
-        return floor, threshold, top
+        return float(self.pixel_floor), float(self.pixel_threshold), float(self._top())
 
     def normalize_anomaly_map(self, anomaly_map: torch.Tensor, top: float | None = None) -> torch.Tensor:
         """Map scores onto [0, 1] with the validation-fitted scale (same for every test image):
-        piecewise linear, the floor to 0, the pixel threshold to 0.5, the top (`colour_scale`'s, or
+        piecewise linear, the floor to 0, the pixel threshold to 0.5, the top (the fitted one, or
         the one given) to 1."""
-        floor, threshold, fitted_top = self.colour_scale()
-        top = fitted_top if top is None else top
-        below = (anomaly_map - floor) / max(threshold - floor, 1e-12) * 0.5
-        above = 0.5 + (anomaly_map - threshold) / max(top - threshold, 1e-12) * 0.5
+        floor, threshold = self.pixel_floor, self.pixel_threshold
+        top_value = self._top() if top is None else torch.tensor(top, dtype=threshold.dtype, device=threshold.device)
+        below = (anomaly_map - floor) / (threshold - floor).clamp_min(1e-12) * 0.5
+        above = 0.5 + (anomaly_map - threshold) / (top_value - threshold).clamp_min(1e-12) * 0.5
         return torch.where(anomaly_map <= threshold, below, above).clamp(0, 1)
 
 
