@@ -21,7 +21,7 @@ ifneq ($(shell cat $(STAMP) 2>/dev/null),$(PYTHON))
 $(shell rm -f $(STAMP))
 endif
 
-.PHONY: install train test test-slow lint check-wheel bench bench-flows bench-synthesis bench-distillation bench-few-shot bench-regad bench-coreset bench-coreset-gap bench-embedding-search bench-aupro bench-selection clean
+.PHONY: install train test test-export test-slow lint check-wheel bench bench-export bench-flows bench-synthesis bench-distillation bench-few-shot bench-regad bench-coreset bench-coreset-gap bench-embedding-search bench-aupro bench-selection clean
 
 $(VENV)/bin/python:
 	@echo "make: creating the virtual environment $(VENV) (python3 -m venv --system-site-packages $(VENV))"
@@ -43,6 +43,11 @@ train: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+
+# Every method exported to ONNX and OpenVINO and scored against its trained module (issue 44's
+# parity); TorchScript runs in `make test`. About 10 minutes here; CI runs it after `make test`.
+test-export: $(STAMP)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m export $(ARGS)
 
 test-slow: $(STAMP)
 	$(PYTHON) -m pytest -q -m slow $(ARGS)
@@ -133,6 +138,25 @@ bench-distillation: $(STAMP)
 	done; done
 	$(PYTHON) -m anomalib_lite.collect $(BENCH_DIR) --rows method dataset epochs \
 	  --metrics image_auroc pixel_auroc pixel_aupro pixel_ap seconds_per_epoch fit_seconds
+
+# Export on bottle (issue 44): the seven methods fitted on bottle (lite0, 256 -> 224) at CPU-sized
+# budgets (a run already in EXPORT_DIR/runs/<method> is reused), exported to ONNX and OpenVINO and
+# checked against the runs' predictions and metrics (experiments/export_parity.py), then timed in
+# eager PyTorch, TorchScript, ONNX Runtime and OpenVINO at batch 1 and 32 (experiments/bench_export.py).
+EXPORT_DIR ?= outputs/bench/export
+# method:experiment:overrides (commas for spaces). DRAEM at its CPU setting (128 px, narrow networks,
+# 20 epochs: 2 epochs at 224 px left every test score equal); EfficientAD with a teacher distilled
+# for 100 steps on dtd_subset (no download here) and one epoch.
+EXPORT_RUNS ?= patchcore:lite0_mvtec: padim:lite0_mvtec: stfpm:lite0_mvtec:method.epochs=10 \
+  reverse_distillation:lite0_mvtec:method.epochs=3 fastflow:lite0_mvtec:method.epochs=3 draem:draem_small: \
+  efficient_ad:lite0_mvtec:method.epochs=1,dataset.batch_size=8,method.teacher.images=\$${paths.data_dir}/dtd_subset,method.penalty_images=\$${paths.data_dir}/dtd_subset,method.teacher.image_size=128,method.teacher.steps=100,method.teacher.batch_size=8
+EXPORT_RUN_DIRS = $(foreach spec,$(EXPORT_RUNS),$(EXPORT_DIR)/runs/$(firstword $(subst :, ,$(spec))))
+bench-export: $(STAMP)
+	for spec in $(EXPORT_RUNS); do IFS=: read -r method experiment extra <<< "$$spec"; run=$(EXPORT_DIR)/runs/$$method; \
+	  test -s $$run/metrics.json || $(PYTHON) -m anomalib_lite experiment=$$experiment method=$$method dataset.category=bottle \
+	    $${extra//,/ } '~callbacks.progress' hydra.run.dir=$$run || exit 1; done
+	$(PYTHON) experiments/export_parity.py $(EXPORT_RUN_DIRS) --output $(EXPORT_DIR)/exports
+	$(PYTHON) experiments/bench_export.py $(EXPORT_RUN_DIRS) --exports $(EXPORT_DIR)/exports
 
 # Few-shot on bottle: PatchCore and the self-supervised flow fitted on k = 1, 2, 4, 8 normal images.
 # With k <= the batch size an epoch is one optimiser step: 24 epochs = the 24 steps of the 4-epoch

@@ -10,13 +10,15 @@ heatmaps' [0, 1] scale). DIR gets model.onnx (OpenVINO: model.xml + model.bin; T
 model.pt) and metadata.json (method, input, thresholds, colour scale, the run's config, versions).
 
 ONNX goes through torch.export (`torch.onnx.export(dynamo=True)`, opset 18: its Resize carries the
-antialiased bilinear filter the run resizes with); OpenVINO converts that ONNX graph; TorchScript
-is traced. The run's folder is only read. From Python: `anomalib_lite.export(run_dir, format, output)`.
+antialiased bilinear filter the run resizes with); OpenVINO converts the torch module itself (its
+reading of ONNX's antialiased Resize differs), at f32; TorchScript is traced. The run's folder is
+only read. From Python: `anomalib_lite.export(run_dir, format, output)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -66,11 +68,15 @@ def export(
     output = Path(output)
     owned = _prepare_output(output, run_dir_of(checkpoint), format, overwrite)
     owned.write([*FILES[format], "metadata.json"])
-    inference = inference_model(module)
+    inference, images = inference_model(module), example_images(module)
+    with torch.no_grad():
+        # Once before tracing: what a method computes on first use and keeps (CPR's gallery of
+        # training descriptors) enters the graph as constants, not as a computation run per call.
+        inference(images)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as staging:
         staging = Path(staging)
-        _WRITERS[format](inference, example_images(module), staging)
+        _WRITERS[format](inference, images, staging)
         (staging / "metadata.json").write_text(json.dumps(metadata(module, checkpoint, format), indent=2) + "\n")
         for name in [*FILES[format], "metadata.json"]:
             os.replace(staging / name, output / name)
@@ -195,11 +201,21 @@ def metadata(module: AnomalyModule, checkpoint: Path, format: str) -> dict[str, 
         "colour_top": top,
         "thresholds_fitted_on": "held-out normal images of the run (no test label)",
         "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint),
         "run_config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else None,
         "anomalib_lite_version": version_,
         "torch_version": torch.__version__,
         "opset": OPSET if format in ("onnx", "openvino") else None,
     }
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256: which checkpoint an artefact was exported from, even after the run moved."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _prepare_output(output: Path, run_dir: Path, format: str, overwrite: bool) -> OwnedFiles:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -160,3 +161,43 @@ def resized_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Pa
         "dataset.category=disc", "dataset.generated_size=128", "dataset.crop_size=80",
     ]))
     return out
+
+
+# OpenVINO runs in a process of its own: imported into pytest's, it leaves the process's stderr
+# closed for a later in-process run (`run_main`: "I/O operation on closed file"; a bare
+# `import openvino` is enough). So its export and scoring go through a fresh interpreter.
+def export_and_score(run_dir: Path, format: str, folder: Path, *image_sets: np.ndarray) -> list[list[np.ndarray]]:
+    """Export the run to `folder` in `format`, then score each uint8 B x 3 x H x W set with the
+    artefact's own runtime (ONNX Runtime, OpenVINO, torch.jit; no anomalib-lite code): per set,
+    its four outputs (pred_score, anomaly_map, pred_label, normalized_map)."""
+    import anomalib_lite
+    from anomalib_lite import deploy
+
+    if format == "openvino":
+        for index, images in enumerate(image_sets):
+            np.save(folder.parent / f"{folder.name}-images-{index}.npy", images)
+        code = (
+            "import sys, numpy as np, anomalib_lite, openvino\n"
+            f"folder = {str(folder)!r}\n"
+            f"anomalib_lite.export({str(run_dir)!r}, 'openvino', folder)\n"
+            "compiled = openvino.Core().compile_model(folder + '/model.xml', 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})\n"
+            f"for index in range({len(image_sets)}):\n"
+            "    results = compiled(np.load(f'{folder}-images-{index}.npy'))\n"
+            "    np.savez(f'{folder}-outputs-{index}.npz', *[results[output] for output in compiled.outputs])\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        loaded = [np.load(folder.parent / f"{folder.name}-outputs-{index}.npz") for index in range(len(image_sets))]
+        return [[outputs[f"arr_{i}"] for i in range(4)] for outputs in loaded]
+    path = anomalib_lite.export(run_dir, format, folder)
+    assert path == folder / deploy.FILES[format][0]
+    if format == "torchscript":
+        import torch
+
+        artefact = torch.jit.load(str(path))
+        with torch.no_grad():
+            return [[t.numpy() for t in artefact(torch.from_numpy(images))] for images in image_sets]
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [session.run(None, {"images": images}) for images in image_sets]

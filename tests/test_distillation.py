@@ -12,6 +12,7 @@ from torch import nn
 from anomalib_lite.errors import UserInputError
 from anomalib_lite.models.components.distillation import (
     cosine_distance,
+    cosine_similarity,
     flattened_cosine_distance,
     fuse_level_maps,
     normalized_squared_distance,
@@ -132,3 +133,12 @@ def test_reverse_distillation_checks_its_levels() -> None:
         ReverseDistillationModel(RESNET18, levels=(1, 3))
     with pytest.raises(UserInputError, match="one per level"):
         ReverseDistillationModel(RESNET18, levels=(1, 2, 3), decoder_blocks=(3, 4))
+
+
+@pytest.mark.parametrize(("shape", "dim"), [((3, 16, 7, 5), 1), ((4, 300), 1)])
+def test_cosine_similarity_is_torchs_bit_for_bit(shape: tuple[int, ...], dim: int) -> None:
+    """Written out for OpenVINO (no rule for aten::cosine_similarity): the same values, not close ones."""
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    first[0] = 0  # a zero vector: the eps clamp, as torch's
+    assert torch.equal(cosine_similarity(first, second, dim=dim), torch.nn.functional.cosine_similarity(first, second, dim=dim))

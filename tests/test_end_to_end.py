@@ -14,12 +14,14 @@ import logging
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import TINY_OUTPUTS, compose_config, config_options
+from conftest import TINY_OUTPUTS, compose_config, config_options, export_and_score
 from hydra.utils import get_class
+from PIL import Image
 
-from anomalib_lite import predict
+from anomalib_lite import deploy, predict
 from anomalib_lite.data import AnomalyDataset
 from anomalib_lite.data.samples import ImageResize, Sample
 from anomalib_lite.engine import TrainedModule
@@ -150,6 +152,70 @@ def test_an_image_scores_the_same_alone_and_in_a_batch(method: str, fitted) -> N
     # normalising by the batch would move them by the order of the magnitude itself.
     scale = max(1.0, float(alone.anomaly_map.abs().max()))
     torch.testing.assert_close(together.anomaly_map[2:3], alone.anomaly_map, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _test_files_as_uint8(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The run's test images as files hold them (uint8 B x 3 x H x W), and three of them resized
+    to another, non-square size (the artefact and the module both resize them as the run would)."""
+    paths = [row["image_path"] for row in csv.DictReader((out / "predictions.csv").open())]
+    files = [Image.open(path).convert("RGB") for path in paths]
+    native = np.stack([np.asarray(image).transpose(2, 0, 1) for image in files])
+    height, width = native.shape[-2:]
+    other = [image.resize((width - 11, height + 37), Image.BILINEAR) for image in files[::5]]
+    return native, np.stack([np.asarray(image).transpose(2, 0, 1) for image in other])
+
+
+# TorchScript in every `make test`; ONNX and OpenVINO (an export each takes 5-70 s here, too long
+# for every method in the suite's budget) in `make test-export`, which CI runs after it.
+EXPORT_FORMATS = [format if format == "torchscript" else pytest.param(format, marks=pytest.mark.export) for format in deploy.FORMATS]
+# A run whose scores float32 cannot resolve: parity is checked where it means something.
+FLOAT32_NOISE = {
+    # 2 epochs leave the encoder (8 unnormalised conv layers, tanh) at its initialisation: every
+    # patch's feature is the same vector to 1e-5 of its size, and the scores (1e-7: distances
+    # between 0.05-sized features) are their float32 rounding; ONNX Runtime and OpenVINO round
+    # differently by up to 30 % of the score range (3e-8). TorchScript (the same kernels) is checked.
+    "patch_svdd": "the tiny run's scores are float32 rounding noise",
+}
+
+
+@pytest.mark.parametrize("format", EXPORT_FORMATS)
+@pytest.mark.parametrize("method", METHODS)
+def test_exported_artefact_scores_as_the_trained_module(method: str, format: str, fitted, tmp_path: Path, capsys) -> None:
+    """Every method in every format (issue 44): the artefact, run by its own runtime on the run's
+    test images (and on three of another size), gives the trained module's scores and maps to
+    1e-4 of their range (or, where that is below float32's resolution of the values themselves, to
+    8 float32 steps of them: CS-Flow's scores are 0.9998 +- 5e-5), and the same verdict for every
+    image; a method whose scoring is not a fixed computation is refused in one line, exit 2."""
+    cfg, _, out = fitted(method)
+    module = load_model(out)
+    artefact = tmp_path / format
+    reason = type(module.model).not_exportable
+    if reason is not None:
+        assert deploy.main([str(out), "--format", format, "--output", str(artefact)]) == 2
+        assert capsys.readouterr().err.strip() == f"anomalib-lite-export: error: {type(module).__name__} cannot be exported: {reason}"
+        assert not artefact.exists()
+        return
+    if format != "torchscript" and method in FLOAT32_NOISE:
+        pytest.skip(FLOAT32_NOISE[method])
+    image_sets = _test_files_as_uint8(out)
+    exported = export_and_score(out, format, artefact, *image_sets)
+    inference = deploy.inference_model(module)
+    scores = np.array([float(row["score"]) for row in csv.DictReader((out / "predictions.csv").open())])
+    with torch.no_grad():  # the reference itself: the run's scores from the files' bytes
+        torch.testing.assert_close(inference(torch.from_numpy(image_sets[0]))[0], torch.from_numpy(scores).float(), rtol=2e-4, atol=1e-5)
+    for images, (pred_score, anomaly_map, pred_label, _) in zip(image_sets, exported):
+        with torch.no_grad():
+            expected_score, expected_map, expected_label, _ = (t.numpy() for t in inference(torch.from_numpy(images)))
+        _assert_within_range_fraction(pred_score, expected_score, scores)
+        _assert_within_range_fraction(anomaly_map, expected_map, expected_map)
+        assert pred_label.tolist() == expected_label.tolist()
+
+
+def _assert_within_range_fraction(got: np.ndarray, expected: np.ndarray, spread_of: np.ndarray) -> None:
+    """|got - expected| <= 1e-4 x the range of `spread_of`, or 8 float32 steps of the values."""
+    tolerance = max(1e-4 * float(spread_of.max() - spread_of.min()), 8 * float(np.spacing(np.abs(spread_of).max().astype(np.float32))))
+    difference = float(np.abs(got - expected).max())
+    assert difference <= tolerance, f"largest difference {difference:.3g}, allowed {tolerance:.3g}"
 
 
 def test_center_crop_and_coreset_ratio(make_cfg, tmp_path: Path) -> None:

@@ -12,52 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import export_and_score
 from PIL import Image
 
 import anomalib_lite
 from anomalib_lite import deploy
 from anomalib_lite.models.patchcore.torch_model import PatchcoreModel
 
-# OpenVINO runs in a process of its own: imported into pytest's, it leaves the process's stderr
-# closed for a later in-process run (`run_main`: "I/O operation on closed file"; a bare
-# `import openvino` is enough). So its export, scoring and predict go through the commands.
 BIN = Path(sys.executable).parent
-
-
-def _fresh_process(*command: str) -> None:
-    result = subprocess.run(list(command), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
-def _export(run_dir: Path, format: str, output: Path) -> Path:
-    if format != "openvino":
-        return anomalib_lite.export(run_dir, format, output)
-    _fresh_process(str(BIN / "anomalib-lite-export"), str(run_dir), "--format", format, "--output", str(output))
-    return output / deploy.FILES[format][0]
-
-
-def _score(format: str, folder: Path, images: np.ndarray) -> list[np.ndarray]:
-    """The artefact's four outputs, from its own runtime (no anomalib-lite code involved)."""
-    if format == "openvino":
-        np.save(folder.parent / "images.npy", images)
-        _fresh_process(sys.executable, "-c", (
-            "import numpy as np, openvino\n"
-            f"compiled = openvino.Core().compile_model({str(folder / 'model.xml')!r}, 'CPU', {{'INFERENCE_PRECISION_HINT': 'f32'}})\n"
-            f"results = compiled(np.load({str(folder.parent / 'images.npy')!r}))\n"
-            f"np.savez({str(folder.parent / 'outputs.npz')!r}, *[results[output] for output in compiled.outputs])\n"
-        ))
-        outputs = np.load(folder.parent / "outputs.npz")
-        return [outputs[f"arr_{i}"] for i in range(4)]
-    if format == "torchscript":
-        with torch.no_grad():
-            return [t.numpy() for t in torch.jit.load(str(folder / "model.pt"))(torch.from_numpy(images))]
-    if format == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-        return session.run(None, {"images": images})
-    raise AssertionError(format)
 
 
 def _files(folder: Path) -> dict[str, str]:
@@ -69,22 +31,24 @@ def test_the_artefact_scores_the_test_images_as_the_run(format: str, resized_run
     """The run's test images at their file size (128 px, uint8): the artefact resizes, crops, scores
     and thresholds them as the run did (predictions.csv): scores within 1e-4 of their range, the
     same verdict for every image, thresholds and colour scale in metadata.json."""
-    path = _export(resized_run, format, tmp_path / format)
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted([*deploy.FILES[format], "metadata.json", deploy.EXPORT_RECORD])
     rows = list(csv.DictReader((resized_run / "predictions.csv").open()))
     images = np.stack([np.asarray(Image.open(row["image_path"]).convert("RGB")).transpose(2, 0, 1) for row in rows])
     assert images.shape[-2:] == (128, 128)
-    pred_score, anomaly_map, pred_label, normalized_map = _score(format, path.parent, np.ascontiguousarray(images))
+    folder = tmp_path / format
+    [(pred_score, anomaly_map, pred_label, normalized_map)] = export_and_score(resized_run, format, folder, np.ascontiguousarray(images))
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*deploy.FILES[format], "metadata.json", deploy.EXPORT_RECORD])
     expected = np.array([float(row["score"]) for row in rows])
     assert np.abs(pred_score - expected).max() <= 1e-4 * (expected.max() - expected.min())
     assert pred_label.tolist() == [bool(int(row["predicted_anomalous"])) for row in rows]
     assert anomaly_map.shape == normalized_map.shape == (len(rows), 80, 80)
     assert 0 <= normalized_map.min() and normalized_map.max() <= 1
-    metadata = json.loads((path.parent / "metadata.json").read_text())
+    metadata = json.loads((folder / "metadata.json").read_text())
     metrics = json.loads((resized_run / "metrics.json").read_text())
     assert metadata["image_threshold"] == pytest.approx(metrics["image_threshold"])
     assert metadata["input"]["resize"] == {"image_size": [96, 96], "crop_size": [80, 80]}
     assert metadata["method"] == "Patchcore" and metadata["run_config"]["method"]["_target_"].endswith("Patchcore")
+    checkpoint = resized_run / "checkpoints" / "model.ckpt"
+    assert metadata["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
 def test_export_reads_the_run_and_replaces_only_its_own_files(resized_run: Path, tmp_path: Path, capsys) -> None:
@@ -122,12 +86,13 @@ def test_predict_scores_with_the_artefact_as_with_the_run(format: str, resized_r
     from anomalib_lite import predict
 
     artefact = tmp_path / "artefact"
-    _export(resized_run, format, artefact)
+    export_and_score(resized_run, format, artefact)
     rows = {row["image_path"]: row for row in csv.DictReader((resized_run / "predictions.csv").open())}
     test_folder = Path(next(iter(rows))).parents[1]
     arguments = [str(artefact), str(test_folder), "--output", str(tmp_path / "out"), "--max-heatmaps", "2"]
-    if format == "openvino":
-        _fresh_process(str(BIN / "anomalib-lite-predict"), *arguments)
+    if format == "openvino":  # in a process of its own: see conftest.export_and_score
+        result = subprocess.run([str(BIN / "anomalib-lite-predict"), *arguments], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
     else:
         assert predict.main(arguments) == 0
     predicted = {row["image_path"]: row for row in csv.DictReader((tmp_path / "out" / "predictions.csv").open())}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from anomalib_lite.errors import UserInputError
-from anomalib_lite.models.components import GreedyCoresetSampler, nearest_neighbors
+from anomalib_lite.models.components import GreedyCoresetSampler, batched_nearest_neighbors, nearest_neighbors
 from anomalib_lite.models.padim import Padim, PadimModel
 from anomalib_lite.models.patchcore import PatchcoreModel
 from anomalib_lite.models.patchcore.torch_model import distance_preserving_projection, pooling_projection
@@ -190,6 +190,19 @@ def test_nearest_neighbors_match_brute_force_across_chunks(k: int) -> None:
     assert torch.equal(indices, expected_index) and indices[3, 0] == 5
     with pytest.raises(ValueError, match="exceeds the memory bank size"):
         nearest_neighbors(queries, bank[:2], k=3)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_batched_nearest_neighbors_search_each_query_set_in_its_own_bank(k: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    queries, banks = torch.randn(3, 40, 8, generator=generator), torch.randn(3, 70, 8, generator=generator)
+    banks[1, 9] = queries[1, 4]  # an exact match in image 1's bank only
+    distances, indices = batched_nearest_neighbors(queries, banks, k=k, chunk_size=32)
+    for b in range(3):
+        expected, expected_index = torch.cdist(queries[b], banks[b]).topk(k, dim=1, largest=False)
+        torch.testing.assert_close(distances[b], expected, rtol=1e-4, atol=1e-3)
+        assert torch.equal(indices[b], expected_index)
+    assert indices[1, 4, 0] == 9 and distances[1, 4, 0] == 0 and distances[0, 4, 0] > 0
 
 
 def test_padim_embedding_selects_the_same_channels_as_the_full_concatenation() -> None:

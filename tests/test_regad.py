@@ -21,6 +21,7 @@ from anomalib_lite.models.regad.torch_model import (
     RegadModel,
     RegistrationHead,
     SpatialTransformer,
+    affine_grid,
     affine_matrices,
     augment_support,
     invert_affine,
@@ -153,3 +154,18 @@ def test_registration_training_lowers_the_loss_and_fitting_scores() -> None:
     output = model(torch.cat([normal, anomalous]))
     assert output.anomaly_map.shape == (4, 64, 64)
     assert output.pred_score[2:].min() > output.pred_score[:2].max()
+
+
+@pytest.mark.parametrize(("height", "width"), [(24, 24), (12, 17), (1, 5)])
+def test_affine_grid_is_torchs_bit_for_bit(height: int, width: int) -> None:
+    """Written out for OpenVINO (no rule for aten::affine_grid_generator): the same values."""
+    theta = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = F.affine_grid(theta, [3, 8, height, width], align_corners=False)
+    assert torch.equal(affine_grid(theta, height, width), expected)
+
+
+def test_invert_affine_matches_the_matrix_inverse() -> None:
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    last_row = theta.new_tensor([0.0, 0.0, 1.0]).expand(5, 1, 3)
+    expected = torch.linalg.inv(torch.cat([theta, last_row], dim=1))[:, :2]
+    torch.testing.assert_close(invert_affine(theta), expected, rtol=1e-12, atol=1e-12)

@@ -41,12 +41,13 @@ from anomalib_lite.models.components.interfaces import (
     Reconstructs,
     TrainableModel,
 )
-from anomalib_lite.models.components.nearest_neighbors import nearest_neighbors
+from anomalib_lite.models.components.nearest_neighbors import batched_nearest_neighbors, nearest_neighbors
+from anomalib_lite.models.components.tracing import batch_chunks, is_traced
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "AnomalyModel", "AnomalyOutput", "CalibratedOnNormalImages", "Embeddings", "FeatureExtractor", "FittedOnEmbeddings", "GreedyCoresetSampler", "ImageEncoder",
     "MemoryBankModel", "PreparedOnTrainingImages", "Reconstructs", "ResizableBuffersMixin", "TrainableModel",
-    "average_over_patches", "blur_anomaly_map", "coverage_radius", "create_backbone", "fit_position_gaussians", "greedy_coreset", "level_stride", "nearest_neighbors",
+    "average_over_patches", "batch_chunks", "batched_nearest_neighbors", "blur_anomaly_map", "coverage_radius", "create_backbone", "fit_position_gaussians", "greedy_coreset", "is_traced", "level_stride", "nearest_neighbors",
     "position_mahalanobis", "random_projection", "smooth_anomaly_map",
 ]
 

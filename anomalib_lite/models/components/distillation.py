@@ -18,12 +18,20 @@ def normalized_squared_distance(teacher: torch.Tensor, student: torch.Tensor) ->
 
 def cosine_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """B x C x h x w twice -> B x h x w: 1 - cosine similarity of the feature vectors at every position."""
-    return 1 - F.cosine_similarity(teacher, student, dim=1)
+    return 1 - cosine_similarity(teacher, student, dim=1)
 
 
 def flattened_cosine_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """B x C x h x w twice -> B: 1 - cosine similarity of each image's whole feature map as one vector."""
-    return 1 - F.cosine_similarity(teacher.flatten(1), student.flatten(1), dim=1)
+    return 1 - cosine_similarity(teacher.flatten(1), student.flatten(1), dim=1)
+
+
+def cosine_similarity(first: torch.Tensor, second: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
+    """`F.cosine_similarity`, written out with torch's own operations (bit for bit its values):
+    OpenVINO has no conversion rule for `aten::cosine_similarity`."""
+    first_norm = torch.linalg.vector_norm(first, 2, dim=dim, keepdim=True).clamp_min(eps)
+    second_norm = torch.linalg.vector_norm(second, 2, dim=dim, keepdim=True).clamp_min(eps)
+    return ((first / first_norm) * (second / second_norm)).sum(dim)
 
 
 def fuse_level_maps(

@@ -56,6 +56,7 @@ from anomalib_lite.models.components import (
     ResizableBuffersMixin,
     TrainableModel,
     blur_anomaly_map,
+    is_traced,
     level_stride,
 )
 from anomalib_lite.schema import Levels
@@ -140,7 +141,7 @@ def region_min_distance(query: torch.Tensor, gallery: torch.Tensor, neighbours: 
     batch, _, height, width = query.shape
     radius = region // 2
     inside = F.pad(query.new_ones(height, width), (radius, radius, radius, radius)) > 0
-    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+    if is_traced():
         # An exported graph takes any batch: the whole batch at once (the same sums, more memory).
         padded = F.pad(gallery[neighbours].float(), (radius, radius, radius, radius))  # B x K x C x (h + 2r) x (w + 2r)
         best = query.new_full((batch, height, width), float("inf"))

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 from torch import nn
 
-from anomalib_lite.models.components import AnomalyOutput, FittedOnEmbeddings, ImageEncoder, TrainableModel
+from anomalib_lite.models.components import (
+    AnomalyOutput,
+    FittedOnEmbeddings,
+    ImageEncoder,
+    TrainableModel,
+    batch_chunks,
+)
 from anomalib_lite.models.components.anomaly_map import average_over_patches, blur_anomaly_map
 from anomalib_lite.schema import PositiveInt
 
@@ -156,9 +162,7 @@ class CutPasteModel(TrainableModel, FittedOnEmbeddings):
     def _patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
         patches, ys, xs = self._patches(images)
         flat = patches.flatten(0, 1)
-        # Traced or exported, the number of patches is the input's (any batch): one chunk.
-        exporting = torch.jit.is_tracing() or torch.compiler.is_exporting()
-        features = torch.cat([self.patch_net(chunk)[0] for chunk in ([flat] if exporting else flat.split(self.patch_chunk))])
+        features = torch.cat([self.patch_net(chunk)[0] for chunk in batch_chunks(flat, self.patch_chunk)])
         return features.view(images.shape[0], -1, features.shape[-1]), ys, xs
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from anomalib_lite.models.components import (
     FeatureExtractor,
     MemoryBankModel,
     ResizableBuffersMixin,
+    batch_chunks,
     fit_position_gaussians,
     level_stride,
     position_mahalanobis,
@@ -97,14 +98,30 @@ def affine_matrices(mode: str, parameters: torch.Tensor) -> torch.Tensor:
 
 def warp(features: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Resample B x C x h x w maps through B x 2 x 3 affine matrices (reflection at the borders)."""
-    grid = F.affine_grid(theta, list(features.shape), align_corners=False)
+    grid = affine_grid(theta, *features.shape[-2:])
     return F.grid_sample(features, grid, padding_mode="reflection", align_corners=False)
 
 
+def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`F.affine_grid(theta, (B, C, height, width), align_corners=False)` (B x h x w x 2), written
+    out with the same operations and bit for bit the same values: OpenVINO has no conversion rule
+    for `aten::affine_grid_generator`."""
+
+    def pixel_centres(steps: int) -> torch.Tensor:  # -1 + 1/steps ... 1 - 1/steps
+        return torch.linspace(-1, 1, steps, dtype=theta.dtype, device=theta.device) * (steps - 1) / steps
+
+    ones = theta.new_ones(1, 1)
+    base = torch.stack(torch.broadcast_tensors(pixel_centres(width)[None, :], pixel_centres(height)[:, None], ones), dim=-1)
+    return (base.view(1, -1, 3).expand(theta.shape[0], -1, -1) @ theta.transpose(1, 2)).view(-1, height, width, 2)
+
+
 def invert_affine(theta: torch.Tensor) -> torch.Tensor:
-    """The inverse transforms of B x 2 x 3 affine matrices."""
-    last_row = theta.new_tensor([0.0, 0.0, 1.0]).expand(theta.shape[0], 1, 3)
-    return torch.linalg.inv(torch.cat([theta, last_row], dim=1))[:, :2]
+    """The inverse transforms of B x 2 x 3 affine matrices [A | t]: [A^-1 | -A^-1 t], A^-1 as the
+    2 x 2 adjugate over the determinant (ONNX has no matrix inverse; the same values as linalg.inv)."""
+    a, b, c, d = theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1]
+    adjugate = torch.stack([torch.stack([d, -b], dim=1), torch.stack([-c, a], dim=1)], dim=1)
+    inverse = adjugate / (a * d - b * c)[:, None, None]
+    return torch.cat([inverse, -inverse @ theta[:, :, 2:]], dim=2)
 
 
 def localisation_side(level: int, reference_input: int = 224) -> int:
@@ -296,7 +313,7 @@ class RegadModel(ResizableBuffersMixin, MemoryBankModel):
         """B x 3 x H x W -> B x d x h x w: the registered levels concatenated at the first level's
         resolution (deeper levels upsampled by nearest, as the authors' `embedding_concat`)."""
         outputs = []
-        for chunk in images.split(self.embed_chunk_size):
+        for chunk in batch_chunks(images, self.embed_chunk_size):
             maps = self.registration.network.registered(chunk)
             size = maps[0].shape[-2:]
             outputs.append(torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest") for m in maps], 1))

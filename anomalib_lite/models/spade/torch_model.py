@@ -12,6 +12,8 @@ from anomalib_lite.models.components import (
     FeatureExtractor,
     MemoryBankModel,
     ResizableBuffersMixin,
+    batch_chunks,
+    batched_nearest_neighbors,
     blur_anomaly_map,
     nearest_neighbors,
 )
@@ -95,44 +97,43 @@ class SpadeModel(ResizableBuffersMixin, MemoryBankModel):
         distances, indices = nearest_neighbors(global_features, self.global_bank, k=k, chunk_size=self.nn_chunk_size)
         return distances.mean(dim=1), indices
 
-    def pixel_distances(self, query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-        """C x h x w query, K x C x h' x w' gallery -> h x w mean distance to the kappa nearest gallery positions."""
-        channels, h, w = query.shape
-        gallery_rows = gallery.permute(0, 2, 3, 1).reshape(-1, channels)
-        query_rows = query.permute(1, 2, 0).reshape(-1, channels)
-        kappa = min(self.num_pixel_neighbors, gallery_rows.shape[0])
-        distances, _ = nearest_neighbors(query_rows, gallery_rows, k=kappa, chunk_size=self.nn_chunk_size)
-        return distances.mean(dim=1).view(h, w)
+    def pixel_distances(self, queries: torch.Tensor, galleries: torch.Tensor) -> torch.Tensor:
+        """B x C x h x w queries, B x K x C x h' x w' galleries -> B x h x w: each position's mean
+        distance to the kappa nearest positions of its own image's gallery."""
+        height, width = queries.shape[-2:]
+        gallery_rows = galleries.permute(0, 1, 3, 4, 2).flatten(1, 3)
+        query_rows = queries.permute(0, 2, 3, 1).flatten(1, 2)
+        kappa = min(self.num_pixel_neighbors, gallery_rows.shape[1])
+        distances, _ = batched_nearest_neighbors(query_rows, gallery_rows, k=kappa, chunk_size=self.nn_chunk_size)
+        return distances.mean(dim=2).unflatten(1, (height, width))
+
+    def pixel_map(self, queries: list[torch.Tensor], neighbours: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """The pyramid levels of B images and their B x K retrieved training images -> B x H x W."""
+        galleries = [bank[neighbours] for bank in self.level_banks()]  # B x K x C_i x h_i x w_i
+        if self.pyramid_matching == "concatenated":
+            distance_maps = [self.pixel_distances(concatenate_levels(queries), concatenate_levels(galleries))]
+        else:
+            distance_maps = [self.pixel_distances(q, g) for q, g in zip(queries, galleries)]
+        upsampled = [F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0] for m in distance_maps]
+        return torch.stack(upsampled).mean(dim=0)
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.global_bank.numel() == 0:
             raise RuntimeError("SPADE is not fitted: fit it before inference")
         embedding = self.embed(images)
         pred_score, neighbours = self.retrieve(embedding["global"])
-        query_levels = [embedding[f"level_{i}"] for i in range(len(self.levels))]
-        banks = self.level_banks()
-        maps = []
-        for b in range(images.shape[0]):
-            galleries = [bank[neighbours[b]] for bank in banks]
-            queries = [level[b] for level in query_levels]
-            if self.pyramid_matching == "concatenated":
-                distance_maps = [self.pixel_distances(concatenate_levels(queries), concatenate_levels(galleries))]
-            else:
-                distance_maps = [self.pixel_distances(q, g) for q, g in zip(queries, galleries)]
-            upsampled = [
-                F.interpolate(m[None, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-                for m in distance_maps
-            ]
-            maps.append(torch.stack(upsampled).mean(dim=0))
-        anomaly_map = blur_anomaly_map(torch.stack(maps), self.blur_sigma)
+        levels = [embedding[f"level_{i}"] for i in range(len(self.levels))]
+        # One image at a time when run: its gallery of K upsampled pyramids is about 1 GB at 224 px
+        # (Wide ResNet-50). Traced or exported, the whole batch at once (memory grows with it).
+        chunks = zip(batch_chunks(neighbours, 1), *(batch_chunks(level, 1) for level in levels))
+        maps = [self.pixel_map(list(queries), image_neighbours, images.shape[-2:]) for image_neighbours, *queries in chunks]
+        anomaly_map = blur_anomaly_map(torch.cat(maps), self.blur_sigma)
         return AnomalyOutput(pred_score, anomaly_map)
 
 
 def concatenate_levels(levels: list[torch.Tensor]) -> torch.Tensor:
     """[(...) x C_i x h_i x w_i] -> (...) x sum C_i x h_0 x w_0: bilinear upsampling to the first level's grid."""
-    size = levels[0].shape[-2:]
-    squeeze = levels[0].ndim == 3
-    maps = [level.unsqueeze(0) if squeeze else level for level in levels]
+    leading, size = levels[0].shape[:-3], levels[0].shape[-2:]
+    maps = [level.flatten(0, -4) for level in levels]  # the leading axes as one
     maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
-    joined = torch.cat(maps, dim=1)
-    return joined[0] if squeeze else joined
+    return torch.cat(maps, dim=1).unflatten(0, leading)
