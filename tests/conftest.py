@@ -40,8 +40,8 @@ TINY_COMMON = [
 TINY_SYNTHETIC = [
     "dataset.generated_size=96",
     "dataset.num_train=12",
-    "dataset.num_test_good=4",
-    "dataset.num_test_per_defect=2",
+    "dataset.num_test_good=8",
+    "dataset.num_test_per_defect=4",
 ]
 TINY_DATA = TINY_COMMON + TINY_SYNTHETIC
 

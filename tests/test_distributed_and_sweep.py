@@ -59,7 +59,7 @@ def test_trained_method_under_ddp_cpu(tmp_path: Path, cache_dir: Path) -> None:
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["best_epoch"] in (1, 2)
     assert (tmp_path / "ddp" / "checkpoints" / "best_epoch.ckpt").is_file()
-    assert metrics["num_test_images"] == 4 + 2 * 4 and 0 <= metrics["pixel_aupro"] <= 1
+    assert metrics["num_test_images"] == 8 + 4 * 4 and 0 <= metrics["pixel_aupro"] <= 1
 
 
 def test_multirun_sweep_and_collect(tmp_path: Path, cache_dir: Path) -> None:
