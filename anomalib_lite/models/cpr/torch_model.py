@@ -55,8 +55,8 @@ from anomalib_lite.models.components import (
     PreparedOnTrainingImages,
     ResizableBuffersMixin,
     TrainableModel,
+    batch_chunks,
     blur_anomaly_map,
-    is_traced,
     level_stride,
 )
 from anomalib_lite.schema import Levels
@@ -136,30 +136,25 @@ def region_min_distance(query: torch.Tensor, gallery: torch.Tensor, neighbours: 
 
     query B x C x h x w and gallery N x C x h x w, both L2-normalised; neighbours B x K gallery
     indices -> B x h x w. Window positions outside the map do not count (the code divides their
-    distance by ~0). One image at a time: a batch's K gallery maps in float would be gigabytes.
+    distance by ~0). One image at a time when run: a batch's K gallery maps in float would be
+    gigabytes; traced or exported, the whole batch at once (`batch_chunks`).
     """
+    chunks = zip(batch_chunks(query, 1), batch_chunks(neighbours, 1))
+    return torch.cat([_windowed_min_distance(images, gallery[indices], region) for images, indices in chunks])
+
+
+def _windowed_min_distance(query: torch.Tensor, retrieved: torch.Tensor, region: int) -> torch.Tensor:
+    """B x C x h x w query and its B x K x C x h x w retrieved maps -> B x h x w (`region_min_distance`)."""
     batch, _, height, width = query.shape
     radius = region // 2
     inside = F.pad(query.new_ones(height, width), (radius, radius, radius, radius)) > 0
-    if is_traced():
-        # An exported graph takes any batch: the whole batch at once (the same sums, more memory).
-        padded = F.pad(gallery[neighbours].float(), (radius, radius, radius, radius))  # B x K x C x (h + 2r) x (w + 2r)
-        best = query.new_full((batch, height, width), float("inf"))
-        for dy in range(region):
-            for dx in range(region):
-                window = padded[..., dy : dy + height, dx : dx + width]
-                distance = 1 - torch.einsum("bchw,bkchw->bkhw", query.float(), window).amax(dim=1)
-                best = torch.where(inside[dy : dy + height, dx : dx + width], torch.minimum(best, distance), best)
-        return best
+    padded = F.pad(retrieved.float(), (radius, radius, radius, radius))  # B x K x C x (h + 2r) x (w + 2r)
     best = query.new_full((batch, height, width), float("inf"))
-    for index in range(batch):
-        padded = F.pad(gallery[neighbours[index]].float(), (radius, radius, radius, radius))  # K x C x (h + 2r) x (w + 2r)
-        for dy in range(region):
-            for dx in range(region):
-                window = padded[..., dy : dy + height, dx : dx + width]
-                distance = 1 - torch.einsum("chw,kchw->khw", query[index].float(), window).amax(dim=0)
-                valid = inside[dy : dy + height, dx : dx + width]
-                best[index] = torch.where(valid, torch.minimum(best[index], distance), best[index])
+    for dy in range(region):
+        for dx in range(region):
+            window = padded[..., dy : dy + height, dx : dx + width]
+            distance = 1 - torch.einsum("bchw,bkchw->bkhw", query.float(), window).amax(dim=1)
+            best = torch.where(inside[dy : dy + height, dx : dx + width], torch.minimum(best, distance), best)
     return best
 
 
