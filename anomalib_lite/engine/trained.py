@@ -9,7 +9,7 @@ import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -55,6 +55,8 @@ class TrainedModule(AnomalyModule):
     A method may monitor a label-free `val_synthetic_*` metric instead (without a synthetic
     validation view, `dataset.val_synthesis: null`, it falls back to `val_loss`), or None: the
     last epoch is kept (a method whose last phase makes the scorer, e.g. OGNet's).
+    `keep_epoch="last"` keeps the last epoch of any method (what a library without model selection
+    tests, e.g. anomalib's engine: `+method.keep_epoch=last` in the peer comparison).
     An explicit `trainer.max_epochs` overrides `epochs`.
     """
 
@@ -68,6 +70,7 @@ class TrainedModule(AnomalyModule):
         optimizers: Mapping[str, Mapping[str, Any]],
         schedulers: Mapping[str, Mapping[str, Any]] | None = None,
         gradient_clip_norm: float | None = None,
+        keep_epoch: Literal["best", "last"] = "best",
         backbone: Mapping[str, Any] | None = None,
         **model_args: Any,
     ) -> None:
@@ -85,6 +88,7 @@ class TrainedModule(AnomalyModule):
         self.optimizer_specs = {name: dict(spec) for name, spec in optimizers.items()}
         self.scheduler_specs = {name: dict(spec) for name, spec in (schedulers or {}).items()}
         self.gradient_clip_norm = gradient_clip_norm
+        self.keep_epoch = keep_epoch
         self._optimizer_names: list[str] = []
 
     def trainer_settings(self, requested: Mapping[str, Any]) -> dict[str, Any]:
@@ -97,7 +101,7 @@ class TrainedModule(AnomalyModule):
         return settings
 
     def configure_callbacks(self) -> list[Callback]:
-        monitor, mode = self.best_epoch_monitor or (None, "min")
+        monitor, mode = (self.best_epoch_monitor if self.keep_epoch == "best" else None) or (None, "min")
         datamodule = self.trainer.datamodule
         synthetic_view = not isinstance(datamodule, AnomalyDataModule) or datamodule.val_synthesis is not None
         if monitor is not None and monitor.startswith("val_synthetic_") and not synthetic_view:
