@@ -249,7 +249,7 @@ def _report(results: Mapping[str, Any], output_dir: Path) -> None:
         f"{header} | {results['dataset']}/{results['category']}",
         "  " + "  ".join(f"{key} {fmt(results[key])}" for key in METRIC_KEYS),
         f"  fit {results['fit_seconds']:.1f} s  test {results['test_seconds']:.1f} s"
-        + (f"  (best epoch {results['best_epoch']} of {results['epochs']})" if results["best_epoch"] else ""),
+        + (f"  (tested epoch {results['best_epoch']} of {results['epochs']})" if results["best_epoch"] else ""),
         f"  metrics:  {output_dir / 'metrics.json'}",
     ]
     if results.get("pixel_metrics_note"):
