@@ -160,8 +160,10 @@ bench-export: $(STAMP)
 
 # Ours against anomalib 2.7 under one symmetric protocol (experiments/bench_peers.py): every shared
 # method that runs offline, on bottle and magnetic_tile, 3 seeds (trained methods), the same images,
-# pixels, epoch rule and metric code on both sides; writes experiments/PEERS.md. Hours on 2 CPU
-# cores; it resumes where it stopped (one result file per method x dataset x seed x side).
+# pixels, epoch rule and metric code on both sides; writes experiments/PEERS.md and README's table
+# from its result files (experiments/peers/, one per method x dataset x seed x side: committed, the
+# source of every comparison quoted). Hours on 2 CPU cores; it resumes where it stopped (runs only
+# the missing files); from scratch: PEERS_ARGS="--rows NEW_EMPTY_FOLDER". The runs: $(PEERS_DIR).
 # anomalib runs from its own environment (its pins differ from ours), made here on first use.
 ANOMALIB_VENV ?= ../venv-anomalib
 PEERS_DIR ?= outputs/bench/peers

@@ -19,8 +19,11 @@ The protocol, the same on both sides:
   (`compute_metrics`, as ours): image AUROC, pixel AUROC, AUPRO (FPR <= 0.3), pixel AP.
 - Each side's own method defaults otherwise (what each library ships as the method).
 
-One result file per (method, dataset, seed, side) under OUTPUT/rows/: a finished one is not run
-again, so the command resumes where it stopped. It prints each job as it starts and ends.
+One result file per (method, dataset, seed, side) in experiments/peers/ (`--rows`; committed: the
+source of every anomalib comparison this project quotes): a finished one is not run again, so the
+command resumes where it stopped. It prints each job as it starts and ends. The runs' folders and
+logs go to `--output`. From the result files it writes experiments/PEERS.md and the summary table in
+README.md (between its `peers:` markers); tests/test_docs.py checks that both match the files.
 """
 
 from __future__ import annotations
@@ -143,12 +146,15 @@ GAPS: dict[tuple[str, str], str] = {
 }
 
 
-def rows_dir(output: Path) -> Path:
-    return output / "rows"
+ROWS = PROJECT / "experiments" / "peers"
+DOCUMENT = PROJECT / "experiments" / "PEERS.md"
+README = PROJECT / "README.md"
+SUMMARY_BEGIN = "<!-- peers: begin (written by experiments/bench_peers.py from experiments/peers; do not edit) -->"
+SUMMARY_END = "<!-- peers: end -->"
 
 
-def row_path(output: Path, method: str, dataset: str, seed: int, side: str) -> Path:
-    return rows_dir(output) / f"{method}__{dataset}__s{seed}__{side}.json"
+def row_path(rows: Path, method: str, dataset: str, seed: int, side: str) -> Path:
+    return rows / f"{method}__{dataset}__s{seed}__{side}.json"
 
 
 def data_copy(peer: Peer, dataset: str, cache: Path) -> Path:
@@ -252,8 +258,8 @@ def bench(args: argparse.Namespace) -> list[str]:
     failed = []
     for number, (method, dataset, seed) in enumerate(todo, 1):
         peer = PEERS[method]
-        paths = {"anomalib": row_path(args.output, peer.anomalib_of or method, dataset, seed, "anomalib"),
-                 "ours": row_path(args.output, method, dataset, seed, "ours")}
+        paths = {"anomalib": row_path(args.rows, peer.anomalib_of or method, dataset, seed, "anomalib"),
+                 "ours": row_path(args.rows, method, dataset, seed, "ours")}
         if all(path.is_file() for path in paths.values()):
             continue
         root = data_copy(peer, dataset, args.cache)
@@ -289,8 +295,8 @@ def bench(args: argparse.Namespace) -> list[str]:
     return failed
 
 
-def load_rows(output: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(rows_dir(output).glob("*.json"))]
+def load_rows(rows: Path = ROWS) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(rows.glob("*.json"))]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -305,21 +311,68 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {spread:.4f}"
 
 
-def report(output: Path, document: Path) -> None:
-    rows = load_rows(output)
-    groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
+@dataclass
+class Comparison:
+    """One (method, dataset): both sides' result rows over the seeds both have."""
+
+    method: str
+    dataset: str
+    ours: list[dict]
+    theirs: list[dict]
+
+    @property
+    def seeds(self) -> int:
+        return len(self.ours)
+
+    def values(self, key: str) -> tuple[list[float], list[float]]:
+        return ([r[key] for r in self.ours if r[key] is not None], [r[key] for r in self.theirs if r[key] is not None])
+
+    def below(self) -> list[str]:
+        """The metrics where ours is lower by more than the larger side's range over the seeds and
+        than MIN_GAP (a deterministic method's zero range would flag float noise)."""
+        out = []
+        for key, label in METRICS.items():
+            a, b = self.values(key)
+            if a and b:
+                delta = statistics.fmean(a) - statistics.fmean(b)
+                if delta < 0 and -delta > max(_stats(a)[1] * 2, _stats(b)[1] * 2, MIN_GAP):
+                    out.append(label)
+        return out
+
+
+def comparisons(rows: list[dict]) -> list[Comparison]:
+    """Per dataset, in PEERS' order; a variant's anomalib side is its base method's."""
+    by_key: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["dataset"]), {"ours": [], "anomalib": []})[row["side"]].append(row)
-    for method, peer in PEERS.items():  # variants: their anomalib side is another row's
-        for (name, dataset), sides in list(groups.items()):
-            if name == peer.anomalib_of:
-                groups.setdefault((method, dataset), {"ours": [], "anomalib": []})["anomalib"] = sides["anomalib"]
+        by_key.setdefault((row["method"], row["dataset"], row["side"]), []).append(row)
+    out = []
+    for dataset in DATASETS:
+        for method, peer in PEERS.items():
+            ours = by_key.get((method, dataset, "ours"), [])
+            theirs = by_key.get((peer.anomalib_of or method, dataset, "anomalib"), [])
+            seeds = {r["seed"] for r in ours} & {r["seed"] for r in theirs}
+            if seeds:
+                out.append(Comparison(
+                    method, dataset, sorted((r for r in ours if r["seed"] in seeds), key=lambda r: r["seed"]),
+                    sorted((r for r in theirs if r["seed"] in seeds), key=lambda r: r["seed"]),
+                ))
+    return out
+
+
+def _seconds(side: list[dict], key: str) -> str:
+    values = [r[key] for r in side if r.get(key) is not None]
+    return f"{statistics.fmean(values):.1f}" if values else "-"
+
+
+def render_document(rows: list[dict]) -> str:
+    """experiments/PEERS.md from the result files."""
+    measured = comparisons(rows)
     lines = [
         "# Ours against anomalib 2.7: one symmetric protocol",
         "",
         "Generated by `make bench-peers` (`python experiments/bench_peers.py`; `--report-only` rewrites this",
-        f"file from the result files in `{output.relative_to(PROJECT) if output.is_relative_to(PROJECT) else output}/rows`). "
-        "Do not edit by hand: numbers quoted elsewhere come from here.",
+        "file from the result files in `experiments/peers/`, one per method, dataset, seed and side). Do not edit",
+        "by hand: tests/test_docs.py checks it against those files, and README quotes its summary.",
         "",
         "Protocol (the docstring of experiments/bench_peers.py has it in full): both sides read the same copy of the",
         "data, resized once with PIL; both fit the same images (the 90 % ours fits; its seeded 10 % hold-out is",
@@ -334,69 +387,77 @@ def report(output: Path, document: Path) -> None:
         "",
     ]
     for dataset in DATASETS:
-        keyed = {method: sides for (method, name), sides in groups.items() if name == dataset}
-        if not keyed:
+        these = [c for c in measured if c.dataset == dataset]
+        if not these:
             continue
         lines += [f"## {dataset}", ""]
-        header = "| method | dataset | seeds |"
-        rule = "|---|---|---|"
+        header, rule = "| method | dataset | seeds |", "|---|---|---|"
         for label in METRICS.values():
             header += f" {label} ours | anomalib | Δ |"
             rule += "---|---|---|"
-        header += " s / epoch ours / anomalib | fit + test s ours / anomalib |"
-        rule += "---|---|"
-        lines += [header, rule]
+        lines += [header + " s / epoch ours / anomalib | fit + test s ours / anomalib |", rule + "---|---|"]
         notes = []
-        for method in PEERS:
-            if method not in keyed:
-                continue
-            sides = keyed[method]
-            seeds = sorted({r["seed"] for r in sides["ours"]} & {r["seed"] for r in sides["anomalib"]})
-            ours = [r for r in sides["ours"] if r["seed"] in seeds]
-            theirs = [r for r in sides["anomalib"] if r["seed"] in seeds]
-            if not seeds:
-                continue
-            line = f"| {method} | {dataset} | {len(seeds)} |"
-            below = []
-            for key, label in METRICS.items():
-                a = [r[key] for r in ours if r[key] is not None]
-                b = [r[key] for r in theirs if r[key] is not None]
-                if not a or not b:
-                    line += " - | - | - |"
-                    continue
-                delta = statistics.fmean(a) - statistics.fmean(b)
-                # The larger side's range over the seeds, and at least MIN_GAP (a deterministic method's
-                # zero range would flag float noise).
-                spread = max(_stats(a)[1] * 2, _stats(b)[1] * 2, MIN_GAP)
-                if delta < 0 and -delta > spread:
-                    below.append(label)
-                line += f" {_cell(a)} | {_cell(b)} | {delta:+.4f} |"
-
-            def seconds(side: list[dict], key: str) -> str:
-                values = [r[key] for r in side if r.get(key) is not None]
-                return f"{statistics.fmean(values):.1f}" if values else "-"
-
-            total_ours = [r["fit_seconds"] + r["test_seconds"] for r in ours]
-            total_theirs = [r["fit_seconds"] + r["test_seconds"] for r in theirs]
-            line += (f" {seconds(ours, 'seconds_per_epoch')} / {seconds(theirs, 'seconds_per_epoch')} |"
-                     f" {statistics.fmean(total_ours):.0f} / {statistics.fmean(total_theirs):.0f} |")
+        for c in these:
+            line = f"| {c.method} | {dataset} | {c.seeds} |"
+            for key in METRICS:
+                a, b = c.values(key)
+                line += f" {_cell(a)} | {_cell(b)} | {statistics.fmean(a) - statistics.fmean(b):+.4f} |" if a and b else (
+                    " - | - | - |")
+            total_ours = statistics.fmean(r["fit_seconds"] + r["test_seconds"] for r in c.ours)
+            total_theirs = statistics.fmean(r["fit_seconds"] + r["test_seconds"] for r in c.theirs)
+            line += (f" {_seconds(c.ours, 'seconds_per_epoch')} / {_seconds(c.theirs, 'seconds_per_epoch')} |"
+                     f" {total_ours:.0f} / {total_theirs:.0f} |")
             lines.append(line)
-            epochs = PEERS[method].epochs.get(dataset)
-            setting = f"{PEERS[method].settings}; {PEERS[method].presize} px" + (
-                f" -> center crop {PEERS[method].crop}" if PEERS[method].crop else "") + (
-                f"; {epochs} epochs" if epochs else "; one pass") + f"; {ours[0]['num_fitted']} images fitted"
-            notes.append(f"- {method}, {dataset}: {setting}.")
-            if below:
-                why = GAPS.get((method, dataset), "not yet explained (to investigate)")
-                notes.append(f"  Ours is below anomalib by more than the seed spread on {', '.join(below)}: {why}")
+            peer = PEERS[c.method]
+            epochs = peer.epochs.get(dataset)
+            setting = f"{peer.settings}; {peer.presize} px" + (f" -> center crop {peer.crop}" if peer.crop else "") + (
+                f"; {epochs} epochs" if epochs else "; one pass") + f"; {c.ours[0]['num_fitted']} images fitted"
+            notes.append(f"- {c.method}, {dataset}: {setting}.")
+            if c.below():
+                why = GAPS.get((c.method, dataset), "not yet explained (to investigate)")
+                notes.append(f"  Ours is below anomalib by more than the seed spread on {', '.join(c.below())}: {why}")
         lines += ["", "Settings and notes:", "", *notes, ""]
-    missing = [f"{method} on {dataset}" for dataset in DATASETS for method in PEERS if (method, dataset) not in groups]
+    done = {(c.method, c.dataset) for c in measured}
+    missing = [f"{method} on {dataset}" for dataset in DATASETS for method in PEERS if (method, dataset) not in done]
     if missing:
         lines += ["## Not measured yet (the command resumes with these)", "", ", ".join(missing) + ".", ""]
     lines += ["## Shared with anomalib but not run here", ""]
     lines += [f"- {method}: {why}." for method, why in NOT_RUN.items()]
-    document.write_text("\n".join(lines) + "\n")
-    print(f"wrote {document}")
+    return "\n".join(lines) + "\n"
+
+
+def render_summary(rows: list[dict]) -> str:
+    """README's table: each comparison's means (image AUROC / pixel AUROC / AUPRO), ours then anomalib."""
+    lines = [
+        SUMMARY_BEGIN,
+        "| method | dataset | seeds | ours: image AUROC / pixel AUROC / AUPRO | anomalib 2.7 | ours below anomalib beyond the seed spread (why: PEERS.md) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in comparisons(rows):
+        means = [tuple(statistics.fmean(v) if v else None for v in c.values(key)) for key in list(METRICS)[:3]]
+        ours, theirs = (" / ".join("-" if m[i] is None else f"{m[i]:.4f}" for m in means) for i in (0, 1))
+        below = ", ".join(c.below()) or "no"
+        lines.append(f"| {c.method} | {c.dataset} | {c.seeds} | {ours} | {theirs} | {below} |")
+    done = {(c.method, c.dataset) for c in comparisons(rows)}
+    missing = [f"{method} on {dataset}" for dataset in DATASETS for method in PEERS if (method, dataset) not in done]
+    if missing:
+        lines += ["", f"Not measured yet: {', '.join(missing)}."]
+    return "\n".join([*lines, SUMMARY_END])
+
+
+def with_summary(readme: str, summary: str) -> str:
+    """README's text with the block between the markers replaced."""
+    start, end = readme.find(SUMMARY_BEGIN), readme.find(SUMMARY_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README.md has no block between {SUMMARY_BEGIN!r} and {SUMMARY_END!r}")
+    return readme[:start] + summary + readme[end + len(SUMMARY_END):]
+
+
+def report(rows_folder: Path, document: Path, readme: Path) -> None:
+    rows = load_rows(rows_folder)
+    document.write_text(render_document(rows))
+    readme.write_text(with_summary(readme.read_text(), render_summary(rows)))
+    print(f"wrote {document} and the summary in {readme} from {len(rows)} result files in {rows_folder}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,8 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=list(PEERS), default=list(PEERS))
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output", type=Path, default=PROJECT / "outputs" / "bench" / "peers")
-    parser.add_argument("--document", type=Path, default=PROJECT / "experiments" / "PEERS.md")
+    parser.add_argument("--rows", type=Path, default=ROWS, help="the result files (one per method, dataset, seed, side)")
+    parser.add_argument("--output", type=Path, default=PROJECT / "outputs" / "bench" / "peers", help="the runs' folders")
+    parser.add_argument("--document", type=Path, default=DOCUMENT)
+    parser.add_argument("--readme", type=Path, default=README)
     parser.add_argument("--anomalib-python", type=Path, default=PROJECT.parent / "venv-anomalib" / "bin" / "python")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "anomalib_lite" / "anomalib_png")
     parser.add_argument("--report-only", action="store_true")
@@ -416,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"no anomalib environment at {args.anomalib_python}: see experiments/anomalib_reference.py for its setup"
             )
         failed = bench(args)
-    report(args.output, args.document)
+    report(args.rows, args.document, args.readme)
     if not args.report_only and failed:
         print(f"{len(failed)} jobs failed (run again to retry them):\n  " + "\n  ".join(failed))
         return 1
