@@ -11,7 +11,11 @@ Settings: timm `tf_efficientnet_lite0` with the offline ImageNet weights (the sa
 `backbone.weights=offline` loads, renamed onto timm's keys), Resize 256x256 -> CenterCrop 224,
 mean = std = 0.5. anomalib's MVTec reader takes only .png, so JPEG datasets (Magnetic-Tile) are
 converted once, losslessly, into a cache folder outside the project. anomalib's defaults otherwise:
-it fits on every train/good image and uses the test set as its validation set.
+it fits on every train/good image and uses the test set as its validation set (`--fit-list` and
+`--val-list` name the images to fit and to validate on instead: experiments/bench_peers.py passes
+the ones our run fitted and held out). EfficientAD needs its teacher where anomalib keeps its
+downloads (`$XDG_CACHE_HOME/anomalib/pre_trained/efficientad_pretrained_weights/`: checked, never
+downloaded) and a folder of penalty images (`--imagenet-dir`).
 """
 
 from __future__ import annotations
@@ -97,6 +101,19 @@ def fit_only(root: Path, category: str, fitted: list[str], cache: Path) -> Path:
     return target
 
 
+def validate_on_held_out_images(datamodule, root: Path, category: str) -> None:  # noqa: ANN001 - anomalib's MVTecAD
+    """anomalib's validation set becomes the train/good images of `root` (a view holding only the
+    held-out ones), not its test set: what a method calibrates on validation (EfficientAD's map
+    quantiles) then comes from normal images the run did not fit, as ours."""
+    from anomalib.data.datasets.image.mvtecad import MVTecADDataset
+    from anomalib.data.utils import Split
+
+    def held_out_validation() -> None:
+        datamodule.val_data = MVTecADDataset(split=Split.TRAIN, root=root, category=category)
+
+    datamodule._create_val_split = held_out_validation
+
+
 def lite0_feature_weights() -> dict[str, torch.Tensor]:
     """Our offline lite0 ImageNet weights under timm's key names (head keys dropped)."""
     from anomalib_lite.models.components.feature_extractor import load_classifier_state_dict
@@ -113,6 +130,7 @@ def build_model(
     draem_widths: tuple[int, int] | None = None,
     batch_size: int = 32,
     coreset_ratio: float = 0.1,
+    imagenet_dir: Path | None = None,
 ):
     from anomalib.models import Cflow, Draem, Fastflow, Padim, Patchcore, ReverseDistillation, Stfpm
     from anomalib.pre_processing import PreProcessor
@@ -154,6 +172,16 @@ def build_model(
         pre_processor = PreProcessor(transform=Compose([Resize((size, size), antialias=True), NORMALIZATION["half"]]))
         image_evaluator = Evaluator(test_metrics=[AUROC(fields=["pred_score", "gt_label"], prefix="image_")])
         return Ganomaly(batch_size=batch_size, pre_processor=pre_processor, evaluator=image_evaluator, visualizer=False)
+    if method == "efficient_ad":
+        # EfficientAD-S: its default pre-processor (resize to 256, no normalisation: it normalises inside),
+        # batch 1; its teacher from anomalib's weights folder (checked in main: never downloaded here) and
+        # its penalty images from imagenet_dir (any folder of class folders; anomalib downloads Imagenette
+        # only when the folder is missing).
+        from anomalib.models import EfficientAd
+
+        if imagenet_dir is None or not Path(imagenet_dir).is_dir():
+            raise SystemExit(f"--imagenet-dir {imagenet_dir} is not a folder: anomalib would download Imagenette")
+        return EfficientAd(imagenet_dir=imagenet_dir, model_size="small", evaluator=build_evaluator(), visualizer=False)
     if method == "fastflow_resnet18_random":
         # anomalib's FastFlow takes only resnet18 / wide_resnet50_2 / cait / deit: random init here.
         return Fastflow(backbone="resnet18", pre_trained=False, **common)
@@ -295,7 +323,7 @@ def main() -> None:
         "method",
         choices=[
             "padim", "patchcore", "cflow", "fastflow_resnet18_random", "draem", "stfpm",
-            "reverse_distillation_resnet18_random", "ganomaly",
+            "reverse_distillation_resnet18_random", "ganomaly", "efficient_ad",
         ],
     )
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mvtec")
@@ -341,6 +369,15 @@ def main() -> None:
         help="reverse distillation, FastFlow: also save the frozen encoder the run used as a timm state dict (<out>/encoder.pth), "
         "for ours with backbone.weights=<it>: both sides on the very same random encoder",
     )
+    parser.add_argument(
+        "--val-list", type=Path, default=None,
+        help="a file of train/good image names (not fitted): anomalib's validation set instead of its test set "
+        "(EfficientAD calibrates its maps on the validation set's normal images), e.g. the ones our run held out",
+    )
+    parser.add_argument(
+        "--imagenet-dir", type=Path, default=None,
+        help="EfficientAD's penalty images (a folder of class folders; anomalib's default: Imagenette, downloaded)",
+    )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "anomalib_lite" / "anomalib_png")
     parser.add_argument("--out", type=Path, default=Path("outputs/anomalib_reference"))
     args = parser.parse_args()
@@ -360,8 +397,20 @@ def main() -> None:
     if args.fit_list is not None:
         root = fit_only(root, category, args.fit_list.read_text().split(), args.cache)
     datamodule = MVTecAD(root=root, category=category, train_batch_size=args.batch_size, eval_batch_size=32, num_workers=2)
+    if args.val_list is not None:
+        held_out_view = fit_only(
+            png_copy(SHARED / folder, category, args.cache, args.presize), category, args.val_list.read_text().split(), args.cache
+        )
+        validate_on_held_out_images(datamodule, held_out_view, category)
+    if args.method == "efficient_ad":
+        from anomalib.utils.path import get_pretrained_weights_dir
+
+        teacher = get_pretrained_weights_dir() / "efficientad_pretrained_weights" / "pretrained_teacher_small.pth"
+        if not teacher.is_file():
+            raise SystemExit(f"no EfficientAD teacher at {teacher} (anomalib would download its own): put one there")
     model = build_model(
-        args.method, args.normalization, args.n_features, args.image_size, args.draem_widths, args.batch_size, args.coreset_ratio
+        args.method, args.normalization, args.n_features, args.image_size, args.draem_widths, args.batch_size,
+        args.coreset_ratio, args.imagenet_dir,
     )
     name = f"{args.method}_{args.dataset}_{args.normalization}_s{args.seed}_e{args.epochs}"
     name += f"_{args.image_size}px" if args.image_size else ""
@@ -369,6 +418,7 @@ def main() -> None:
     name += "_w{}-{}".format(*args.draem_widths) if args.draem_widths else ""
     name += f"_presize{args.presize}" if args.presize else ""
     name += f"_fit{len(args.fit_list.read_text().split())}" if args.fit_list else ""
+    name += f"_val{len(args.val_list.read_text().split())}" if args.val_list else ""
     name += f"_shuffled{args.shuffle_test}" if args.shuffle_test is not None else ""
     name += "_retest" if args.checkpoint else ""  # beside the fitting run's folder, not over it
     name += f"_{args.coreset}_coreset" if args.coreset != "anomalib" else ""
@@ -418,6 +468,7 @@ def main() -> None:
         "limit_train_batches": args.limit_train_batches,
         "draem_widths": args.draem_widths,
         "num_fitted": len(datamodule.train_data),
+        "num_validated": len(datamodule.val_data),
     }
     out.mkdir(parents=True, exist_ok=True)
     if args.save_encoder:

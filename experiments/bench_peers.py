@@ -17,6 +17,11 @@ The protocol, the same on both sides:
   tests its last), at the same epoch count, batch size, backbone and weights.
 - Raw scores always: anomalib's model outputs before its post-processor, scored by our metric code
   (`compute_metrics`, as ours): image AUROC, pixel AUROC, AUPRO (FPR <= 0.3), pixel AP.
+- The same weights where anomalib would download or draw its own: FastFlow's and Reverse
+  Distillation's random encoders are drawn by anomalib and loaded by ours; EfficientAD's teacher is
+  distilled by ours and loaded by both, with the same penalty images.
+- What a method calibrates on validation images (EfficientAD's map quantiles) comes from the images
+  ours held out on both sides (`--val-list`; anomalib's default is its test set's normal images).
 - Each side's own method defaults otherwise (what each library ships as the method).
 
 One result file per (method, dataset, seed, side) in experiments/peers/ (`--rows`; committed: the
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -57,7 +63,9 @@ class Peer:
     presize: int = 256
     crop: int | None = 224
     seeds: dict[str, int] = field(default_factory=dict)  # dataset -> how many seeds (default: 3)
-    shares_encoder: bool = False  # anomalib draws the random encoder, ours loads it
+    shares_encoder: bool = False  # anomalib draws the random encoder, ours loads it ({encoder} in `ours`)
+    shares_teacher: bool = False  # both load one EfficientAD teacher ({encoder} in `ours`: its file)
+    validates_on_held_out: bool = False  # anomalib's validation set: the images ours held out, not its test set
     # A variant of ours (other settings of the same method) against another row's anomalib runs:
     # what a gap is made of, measured under the same protocol.
     anomalib_of: str | None = None
@@ -124,14 +132,29 @@ PEERS: dict[str, Peer] = {
         ["method=ganomaly"], ["ganomaly", "--image-size", "128"], "its DCGAN networks at 128 px (image scores only)",
         epochs={"bottle": 15, "magnetic_tile": 3}, presize=128, crop=None,
     ),
+    "efficient_ad": Peer(
+        [
+            "method=efficient_ad", "method.teacher.pretrained={encoder}", "method.penalty_images=${paths.data_dir}/dtd_subset",
+            "dataset.batch_size=1",
+        ],
+        ["efficient_ad", "--batch-size", "1", "--imagenet-dir", str(SHARED / "dtd_subset")],
+        "EfficientAD-S, batch 1; one PDN teacher on both sides (anomalib's own is a download): distilled here from "
+        "EfficientNet-Lite0 on dtd_subset, 1,000 steps of 8 at 128 px (the authors: 60,000 of 16 from WRN-101 on "
+        "ImageNet); dtd_subset as the penalty images on both (the paper: ImageNet; anomalib: Imagenette, a download); "
+        "both calibrate their maps on the images ours held out (anomalib's default: its test set's normal images)",
+        epochs={"bottle": 2, "magnetic_tile": 1}, crop=None, seeds={"magnetic_tile": 1}, shares_teacher=True,
+        validates_on_held_out=True,
+    ),
 }
+# The EfficientAD teacher both sides load: the recipe of `make bench-distillation` (EFFICIENT_AD_CPU).
+EFFICIENT_AD_TEACHER = [
+    "method.teacher.images=${paths.data_dir}/dtd_subset", "method.teacher.image_size=128", "method.teacher.steps=1000",
+    "method.teacher.batch_size=8",
+]
 # Shared with anomalib 2.7 but not run here, and why.
 NOT_RUN = {
     "cs_flow": "anomalib builds CS-Flow on torchvision's EfficientNet-B5 with its ImageNet download, hard-coded (304 "
     "channels wired into the flow): it cannot run offline, and no other backbone fits its flow",
-    "efficient_ad": "not yet: anomalib's EfficientAD downloads its pretrained teacher and Imagenette (its penalty "
-    "images) unless they are in place; both sides could share our distilled teacher (written where anomalib looks "
-    "for its own) and dtd_subset as the penalty images, which this script does not do yet",
 }
 # A row is flagged where ours is below anomalib by more than the seed spread and than this.
 MIN_GAP = 0.005
@@ -151,6 +174,10 @@ DOCUMENT = PROJECT / "experiments" / "PEERS.md"
 README = PROJECT / "README.md"
 SUMMARY_BEGIN = "<!-- peers: begin (written by experiments/bench_peers.py from experiments/peers; do not edit) -->"
 SUMMARY_END = "<!-- peers: end -->"
+
+
+def teacher_folder(args: argparse.Namespace) -> Path:
+    return args.output / "efficient_ad_teacher"
 
 
 def row_path(rows: Path, method: str, dataset: str, seed: int, side: str) -> Path:
@@ -177,8 +204,8 @@ def our_overrides(method: str, peer: Peer, dataset: str, seed: int, root: Path, 
     return overrides
 
 
-def fitted_names(overrides: list[str]) -> list[str]:
-    """The train/good images our run with these overrides fits on (after its seeded hold-out)."""
+def split_names(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """The train/good images our run with these overrides fits on, and those it holds out (seeded)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -188,21 +215,55 @@ def fitted_names(overrides: list[str]) -> list[str]:
         cfg = compose(config_name="config", overrides=overrides)
     datamodule = instantiate(cfg.dataset)
     datamodule.setup()
-    return [sample.image_path.name for sample in datamodule.train_samples]
+    return ([sample.image_path.name for sample in datamodule.train_samples],
+            [sample.image_path.name for sample in datamodule.val_samples])
 
 
-def run_logged(command: list[str], log: Path) -> float:
+def shared_efficient_ad_teacher(folder: Path) -> Path:
+    """EfficientAD's PDN teacher for both sides, where anomalib looks for its own (its own is a
+    download): ours distilled from EfficientNet-Lite0 on dtd_subset at the benchmarks' CPU recipe
+    (the cached artefact of `make bench-distillation`, distilled here if absent), saved under
+    anomalib's key names; ours reads the same file (`method.teacher.pretrained`, names matched in
+    order). `folder` is the XDG_CACHE_HOME given to anomalib's runs."""
+    target = folder / "anomalib" / "pre_trained" / "efficientad_pretrained_weights" / "pretrained_teacher_small.pth"
+    if target.is_file():
+        return target
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from anomalib_lite.config import CONFIG_DIR
+    from anomalib_lite.models.efficient_ad.teacher import load_or_distill_teacher
+    from anomalib_lite.models.efficient_ad.torch_model import EfficientAdModel, patch_description_network
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=efficient_ad", *EFFICIENT_AD_TEACHER])
+    teacher = patch_description_network(cfg.method.out_channels, "small")
+    normalize = EfficientAdModel(image_size=(256, 256)).normalize
+    settings = {k: v for k, v in cfg.method.teacher.items()}
+    load_or_distill_teacher(teacher, "small", cfg.method.out_channels, cfg.method.backbone, normalize=normalize, **settings)
+    convolutions = [module for module in teacher if isinstance(module, torch.nn.Conv2d)]
+    state = {f"conv{i}.{name}": tensor for i, conv in enumerate(convolutions, 1) for name, tensor in conv.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, target)
+    return target
+
+
+def run_logged(command: list[str], log: Path, env: dict[str, str] | None = None) -> float:
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log.open("w") as handle:
-        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=PROJECT).returncode
+        code = subprocess.run(
+            command, stdout=handle, stderr=subprocess.STDOUT, cwd=PROJECT, env={**os.environ, **(env or {})}
+        ).returncode
     if code != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise RuntimeError(f"exit {code}: {' '.join(command)}\n(log {log})\n{tail}")
     return time.perf_counter() - start
 
 
-def run_anomalib(args: argparse.Namespace, method: str, peer: Peer, dataset: str, seed: int, fitted: list[str]) -> dict:
+def run_anomalib(
+    args: argparse.Namespace, method: str, peer: Peer, dataset: str, seed: int, fitted: list[str], held_out: list[str]
+) -> dict:
     work = args.output / "work" / f"{method}__{dataset}__s{seed}__anomalib"
     work.mkdir(parents=True, exist_ok=True)
     fit_list = work / "fitted.txt"
@@ -212,11 +273,15 @@ def run_anomalib(args: argparse.Namespace, method: str, peer: Peer, dataset: str
         "--dataset", DATASETS[dataset][0], "--presize", str(peer.presize), "--fit-list", str(fit_list),
         "--seed", str(seed), "--dump", "--cache", str(args.cache), "--out", str(work),
     ]
+    if peer.validates_on_held_out:
+        (work / "held_out.txt").write_text("\n".join(held_out) + "\n")
+        command += ["--val-list", str(work / "held_out.txt")]
     if peer.trained:
         command += ["--epochs", str(peer.epochs[dataset])]
     if "--batch-size" not in peer.anomalib:
         command += ["--batch-size", "32"]
-    wall = run_logged(command, work / "log.txt")
+    env = {"XDG_CACHE_HOME": str(shared_efficient_ad_teacher(teacher_folder(args)).parents[3])} if peer.shares_teacher else None
+    wall = run_logged(command, work / "log.txt", env)
     (result_file,) = work.glob("*/metrics.json")
     result = json.loads(result_file.read_text())
     if result["num_fitted"] != len(fitted):
@@ -263,9 +328,9 @@ def bench(args: argparse.Namespace) -> list[str]:
         if all(path.is_file() for path in paths.values()):
             continue
         root = data_copy(peer, dataset, args.cache)
-        encoder = None
+        encoder = shared_efficient_ad_teacher(teacher_folder(args)) if peer.shares_teacher else None
         overrides = our_overrides(method, peer, dataset, seed, root, encoder)
-        fitted = fitted_names(overrides)
+        fitted, held_out = split_names(overrides)
         for side in ("anomalib", "ours"):  # anomalib first: it draws the shared random encoder
             if paths[side].is_file():
                 continue
@@ -274,7 +339,7 @@ def bench(args: argparse.Namespace) -> list[str]:
             try:
                 if side == "anomalib":
                     base = peer.anomalib_of or method
-                    row = run_anomalib(args, base, PEERS[base], dataset, seed, fitted)
+                    row = run_anomalib(args, base, PEERS[base], dataset, seed, fitted, held_out)
                 else:
                     if peer.shares_encoder:
                         encoder = Path(json.loads(paths["anomalib"].read_text())["encoder"])
