@@ -280,7 +280,9 @@ def run_anomalib(
         command += ["--epochs", str(peer.epochs[dataset])]
     if "--batch-size" not in peer.anomalib:
         command += ["--batch-size", "32"]
-    env = {"XDG_CACHE_HOME": str(shared_efficient_ad_teacher(teacher_folder(args)).parents[3])} if peer.shares_teacher else None
+    # Absolute: platformdirs (anomalib's cache paths) ignores a relative XDG_CACHE_HOME, as the XDG spec says.
+    env = {"XDG_CACHE_HOME": str(shared_efficient_ad_teacher(teacher_folder(args)).parents[3].resolve())} if (
+        peer.shares_teacher) else None
     wall = run_logged(command, work / "log.txt", env)
     (result_file,) = work.glob("*/metrics.json")
     result = json.loads(result_file.read_text())
