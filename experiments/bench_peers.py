@@ -426,6 +426,12 @@ def comparisons(rows: list[dict]) -> list[Comparison]:
     return out
 
 
+def not_measured(measured: list[Comparison]) -> list[str]:
+    """'<method> on <dataset>' for every PEERS entry without a comparison yet."""
+    done = {(c.method, c.dataset) for c in measured}
+    return [f"{method} on {dataset}" for dataset in DATASETS for method in PEERS if (method, dataset) not in done]
+
+
 def _seconds(side: list[dict], key: str) -> str:
     values = [r[key] for r in side if r.get(key) is not None]
     return f"{statistics.fmean(values):.1f}" if values else "-"
@@ -484,8 +490,7 @@ def render_document(rows: list[dict]) -> str:
                 why = GAPS.get((c.method, dataset), "not yet explained (to investigate)")
                 notes.append(f"  Ours is below anomalib by more than the seed spread on {', '.join(c.below())}: {why}")
         lines += ["", "Settings and notes:", "", *notes, ""]
-    done = {(c.method, c.dataset) for c in measured}
-    missing = [f"{method} on {dataset}" for dataset in DATASETS for method in PEERS if (method, dataset) not in done]
+    missing = not_measured(measured)
     if missing:
         lines += ["## Not measured yet (the command resumes with these)", "", ", ".join(missing) + ".", ""]
     lines += ["## Shared with anomalib but not run here", ""]
@@ -500,13 +505,13 @@ def render_summary(rows: list[dict]) -> str:
         "| method | dataset | seeds | ours: image AUROC / pixel AUROC / AUPRO | anomalib 2.7 | ours below anomalib beyond the seed spread (why: PEERS.md) |",
         "|---|---|---|---|---|---|",
     ]
-    for c in comparisons(rows):
+    measured = comparisons(rows)
+    for c in measured:
         means = [tuple(statistics.fmean(v) if v else None for v in c.values(key)) for key in list(METRICS)[:3]]
         ours, theirs = (" / ".join("-" if m[i] is None else f"{m[i]:.4f}" for m in means) for i in (0, 1))
         below = ", ".join(c.below()) or "no"
         lines.append(f"| {c.method} | {c.dataset} | {c.seeds} | {ours} | {theirs} | {below} |")
-    done = {(c.method, c.dataset) for c in comparisons(rows)}
-    missing = [f"{method} on {dataset}" for dataset in DATASETS for method in PEERS if (method, dataset) not in done]
+    missing = not_measured(measured)
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
     return "\n".join([*lines, SUMMARY_END])
